@@ -1,0 +1,167 @@
+"""ControlNet configuration and its detection from tensor names and shapes.
+
+The configuration is never taken from a file name: two files with the same architecture can have
+any name. Detection works on ldm key names (``input_blocks.1.0.in_layers.2.weight``); other layouts
+are renamed first by :mod:`.convert`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ControlNetError
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+_BLOCK_RE = re.compile(r"^input_blocks\.(\d+)\.")
+_DEPTH_RE = re.compile(r"^(input_blocks\.\d+|middle_block)\.1\.transformer_blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """Architecture of a ControlNet encoder copy (arXiv 2302.05543, section 3.2).
+
+    ``transformer_depth`` has one entry per ResBlock of the encoder (level by level);
+    ``transformer_depth_middle`` is -1 when the middle block has no transformer.
+    Heads follow the ecosystem: SD1.x uses a fixed number of heads (``num_heads``), SD2.x and SDXL
+    a fixed head width (``num_head_channels``); the unused one is -1.
+    """
+
+    family: str
+    in_channels: int = 4
+    model_channels: int = 320
+    hint_channels: int = 3
+    context_dim: int = 768
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: tuple[int, ...] = (2, 2, 2, 2)
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 1, 1, 1, 0, 0)
+    transformer_depth_middle: int = 1
+    num_heads: int = 8
+    num_head_channels: int = -1
+    use_linear: bool = False
+    adm_in_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ControlNetError(f"unknown ControlNet family {self.family!r}; expected one of {FAMILIES}")
+        if len(self.num_res_blocks) != len(self.channel_mult):
+            raise ControlNetError("num_res_blocks and channel_mult must have one entry per level")
+        if len(self.transformer_depth) != sum(self.num_res_blocks):
+            raise ControlNetError("transformer_depth needs one entry per encoder ResBlock")
+        if (self.num_heads == -1) == (self.num_head_channels == -1):
+            raise ControlNetError("exactly one of num_heads / num_head_channels must be set")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    @property
+    def num_input_blocks(self) -> int:
+        """conv_in + ResBlocks + one downsample between levels."""
+        return 1 + sum(self.num_res_blocks) + len(self.channel_mult) - 1
+
+    @property
+    def num_residuals(self) -> int:
+        """One per input block plus the middle one (13 for SD1.x/2.x, 10 for SDXL)."""
+        return self.num_input_blocks + 1
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(number of heads, head width) of a transformer with ``channels`` channels."""
+        if self.num_head_channels == -1:
+            return self.num_heads, channels // self.num_heads
+        return channels // self.num_head_channels, self.num_head_channels
+
+
+def preset(family: str) -> ControlNetConfig:
+    """The full-size configuration of the public ControlNets of one family."""
+    if family == "sd1":
+        return ControlNetConfig("sd1")
+    if family == "sd2":
+        return ControlNetConfig("sd2", context_dim=1024, num_heads=-1, num_head_channels=64, use_linear=True)
+    if family == "sdxl":
+        return ControlNetConfig(
+            "sdxl",
+            context_dim=2048,
+            channel_mult=(1, 2, 4),
+            num_res_blocks=(2, 2, 2),
+            transformer_depth=(0, 0, 2, 2, 10, 10),
+            transformer_depth_middle=10,
+            num_heads=-1,
+            num_head_channels=64,
+            use_linear=True,
+            adm_in_channels=2816,
+        )
+    raise ControlNetError(f"unknown ControlNet family {family!r}; expected one of {FAMILIES}")
+
+
+def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "state dict") -> ControlNetConfig:
+    """Infer the configuration from bare ldm key names and tensor shapes."""
+
+    def need(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise ControlNetError(f"{name}: ControlNet tensor {key!r} is missing")
+        return tuple(shapes[key])
+
+    model_channels, in_channels = need("input_blocks.0.0.weight")[:2]
+    hint_channels = need("input_hint_block.0.weight")[1]
+    if need("input_hint_block.14.weight")[0] != model_channels:
+        raise ControlNetError(
+            f"{name}: hint encoder output does not match conv_in's {model_channels} channels"
+        )
+
+    n_blocks = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK_RE.match(k)))
+    depth_of: dict[str, int] = {}
+    for k in shapes:
+        if m := _DEPTH_RE.match(k):
+            depth_of[m.group(1)] = max(depth_of.get(m.group(1), 0), int(m.group(2)) + 1)
+
+    # Walk the encoder: ResBlocks until a Downsample closes a level.
+    levels: list[list[int]] = [[]]
+    depths: list[int] = []
+    for i in range(1, n_blocks):
+        if f"input_blocks.{i}.0.op.weight" in shapes:
+            levels.append([])
+            continue
+        levels[-1].append(need(f"input_blocks.{i}.0.in_layers.2.weight")[0])
+        has_attn = f"input_blocks.{i}.1.proj_in.weight" in shapes
+        depths.append(depth_of.get(f"input_blocks.{i}", 0) if has_attn else 0)
+    if any(not lv for lv in levels) or any(len(set(lv)) != 1 for lv in levels):
+        raise ControlNetError(f"{name}: encoder blocks do not form regular UNet levels")
+    mult = tuple(lv[0] // model_channels for lv in levels)
+    if any(lv[0] % model_channels for lv in levels) or any(lv[0] % 32 for lv in levels):
+        raise ControlNetError(f"{name}: channel counts {[lv[0] for lv in levels]} are not a UNet's")
+
+    middle_depth = depth_of.get("middle_block", 0) if "middle_block.1.proj_in.weight" in shapes else -1
+    need("middle_block_out.0.weight")
+
+    attn_keys = sorted(k for k in shapes if k.endswith(".attn2.to_k.weight"))
+    proj_keys = [k for k in shapes if k.endswith(".proj_in.weight")]
+    if not attn_keys or not proj_keys:
+        raise ControlNetError(f"{name}: no cross-attention found; not a Stable Diffusion ControlNet")
+    context_dim = shapes[attn_keys[0]][1]
+    use_linear = len(shapes[proj_keys[0]]) == 2
+    adm = shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None
+
+    # Family from structure: SDXL has the adm vector, SD2.x linear projections, SD1.x neither.
+    family = "sdxl" if adm is not None else "sd2" if use_linear else "sd1"
+    heads = (
+        {"num_heads": 8, "num_head_channels": -1}
+        if family == "sd1"
+        else {"num_heads": -1, "num_head_channels": 64}
+    )
+    return ControlNetConfig(
+        family=family,
+        in_channels=in_channels,
+        model_channels=model_channels,
+        hint_channels=hint_channels,
+        context_dim=context_dim,
+        channel_mult=mult,
+        num_res_blocks=tuple(len(lv) for lv in levels),
+        transformer_depth=tuple(depths),
+        transformer_depth_middle=middle_depth,
+        use_linear=use_linear,
+        adm_in_channels=adm,
+        **heads,
+    )
