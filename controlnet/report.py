@@ -1,0 +1,37 @@
+"""The control report: how strongly each stacked ControlNet pushed on each layer at each step.
+
+`StackRecorder` is a stack observer that keeps the mean |applied residual| per layer for every UNet call, on the
+device (no per-step host sync); `table()` returns it as per-entry (layers x steps) arrays for rendering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class StackRecorder:
+    """Collects mean |residual| per layer, per entry, per noise level (one column per distinct sigma)."""
+
+    def __init__(self, num_entries: int) -> None:
+        self.num_entries = num_entries
+        self.sigmas: list[float | None] = []
+        self._cells: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, idx: int, sigma: float | None, applied: Sequence[torch.Tensor]) -> None:
+        if not self.sigmas or self.sigmas[-1] != sigma:
+            self.sigmas.append(sigma)
+        col = len(self.sigmas) - 1
+        stats = torch.stack([r.detach().abs().float().mean() for r in applied])
+        prev = self._cells.get((idx, col))
+        # Samplers that call the model twice per step (Heun, DPM2) land in the same column: keep the larger.
+        self._cells[(idx, col)] = stats if prev is None else torch.maximum(prev, stats)
+
+    def table(self, num_layers: Sequence[int]) -> list[torch.Tensor]:
+        """One (layers x steps) float tensor per entry, zeros where the entry did not run."""
+        steps = max(len(self.sigmas), 1)
+        out = [torch.zeros(n, steps) for n in num_layers]
+        for (idx, col), stats in self._cells.items():
+            out[idx][:, col] = stats.cpu()
+        return out
