@@ -1,0 +1,550 @@
+#!/usr/bin/env node
+// Browser driver for the ControlStack browser tests: real headless chromium on the real ComfyUI frontend.
+//
+// Input: one JSON job, as argv[2] (a path to a .json file or the JSON text itself) or on stdin:
+//   {
+//     "url": "http://127.0.0.1:PORT",          // a running ComfyUI with the pack loaded
+//     "artifact_dir": ".artifacts/browser",    // screenshots go here
+//     "workflows": [{"name": "x", "ui": "workflows/x.json", "api": "workflows/api/x.json"}],
+//     "run": true,                             // queue each workflow from the UI (Run button) and wait
+//     "run_timeout_s": 300,                    // per workflow
+//     "png_roundtrip": true,                   // drop the first output PNG back in, compare graphToPrompt()
+//     "drag": true                             // drag a bar of the layer-scale widget with the mouse
+//   }
+// Output (stdout, one JSON object): startup info and one record per workflow with the numbers pytest asserts on.
+// Progress goes to stderr. Exit code 0 unless the driver itself failed (test verdicts are pytest's job).
+
+import { readFileSync, mkdirSync, writeFileSync } from "node:fs";
+import { basename, isAbsolute, join, resolve } from "node:path";
+import { REPO, launch, openApp } from "./browser.mjs";
+
+const log = (...a) => process.stderr.write(`[driver] ${a.join(" ")}\n`);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function readJob() {
+  const arg = process.argv[2];
+  let text;
+  if (arg && arg.trim().startsWith("{")) text = arg;
+  else if (arg) text = readFileSync(arg, "utf8");
+  else text = readFileSync(0, "utf8");
+  return JSON.parse(text);
+}
+
+const repoPath = (p) => (isAbsolute(p) ? p : resolve(REPO, p));
+
+// --------------------------------------------------------------------------------------------------------------
+// page helpers
+// --------------------------------------------------------------------------------------------------------------
+
+/** Dispatch a real `drop` DragEvent carrying `bytes` as a File, as dragging a file from the desktop does. */
+async function dropFile(page, name, bytes, mime) {
+  // Mark the current nodes so we can tell when the drop has replaced the graph.
+  await page.evaluate(() => {
+    for (const n of window.app.graph._nodes) n.__csOld = true;
+  });
+  await page.evaluate(
+    ({ name, b64, mime }) => {
+      const bin = atob(b64);
+      const arr = new Uint8Array(bin.length);
+      for (let i = 0; i < bin.length; i++) arr[i] = bin.charCodeAt(i);
+      const file = new File([arr], name, { type: mime });
+      const dt = new DataTransfer();
+      dt.items.add(file);
+      const target = document.querySelector("#graph-canvas") ?? document.body;
+      const rect = target.getBoundingClientRect();
+      const opts = {
+        dataTransfer: dt,
+        bubbles: true,
+        cancelable: true,
+        clientX: rect.left + rect.width / 2,
+        clientY: rect.top + rect.height / 2,
+      };
+      target.dispatchEvent(new DragEvent("dragenter", opts));
+      target.dispatchEvent(new DragEvent("dragover", opts));
+      target.dispatchEvent(new DragEvent("drop", opts));
+    },
+    { name, b64: Buffer.from(bytes).toString("base64"), mime },
+  );
+}
+
+async function waitGraphReplaced(page, expectedCount, timeoutMs = 30_000) {
+  await page.waitForFunction(
+    (n) => {
+      const nodes = window.app.graph._nodes;
+      return nodes.length > 0 && (n == null || nodes.length === n) && nodes.every((x) => !x.__csOld);
+    },
+    expectedCount,
+    { timeout: timeoutMs, polling: 100 },
+  );
+  await sleep(300); // let onAfterGraphConfigured / extension hooks settle
+}
+
+async function fitView(page) {
+  await page.evaluate(() => {
+    const nodes = window.app.graph._nodes;
+    if (!nodes.length) return;
+    const T = window.LiteGraph.NODE_TITLE_HEIGHT ?? 30;
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const n of nodes) {
+      x0 = Math.min(x0, n.pos[0]);
+      y0 = Math.min(y0, n.pos[1] - T);
+      x1 = Math.max(x1, n.pos[0] + n.size[0]);
+      y1 = Math.max(y1, n.pos[1] + n.size[1]);
+    }
+    window.app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: 0.9 });
+    window.app.graph.setDirtyCanvas(true, true);
+  });
+  await sleep(250);
+}
+
+async function screenshot(page, dir, name) {
+  const path = join(dir, `${name}.png`);
+  try {
+    await page.screenshot({ path });
+    return path;
+  } catch (e) {
+    log("screenshot failed", name, String(e));
+    return null;
+  }
+}
+
+/** Dialog texts currently shown (missing nodes, errors ...). */
+async function openDialogs(page) {
+  return page.evaluate(() =>
+    [...document.querySelectorAll(".p-dialog")]
+      .filter((d) => d.offsetParent !== null || d.getClientRects().length)
+      .map((d) => (d.innerText || "").slice(0, 500)),
+  );
+}
+
+async function closeDialogs(page) {
+  for (let i = 0; i < 3; i++) {
+    const n = await page.evaluate(() => document.querySelectorAll(".p-dialog").length);
+    if (!n) return;
+    await page.keyboard.press("Escape").catch(() => {});
+    await sleep(150);
+  }
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// prompt comparison (graphToPrompt output vs an API-format file)
+// --------------------------------------------------------------------------------------------------------------
+
+function sameValue(a, b, round = 0) {
+  if (typeof a === "number" && typeof b === "number") {
+    // A FLOAT widget rounds what it is given to its `round` step (loadApiJson calls the widget callback).
+    return Math.abs(a - b) <= Math.max(1e-6 * Math.max(1, Math.abs(b)), round / 2 + 1e-9);
+  }
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+/**
+ * Compare two API-format prompts node by node (class_type, inputs). Links [id, slot] are compared through an id
+ * map: identity where both sides use the same ids (loadApiJson keeps them), else matched by class_type order.
+ */
+export function comparePrompts(got, want, rounds = {}) {
+  const diffs = [];
+  const gotIds = Object.keys(got);
+  const wantIds = Object.keys(want);
+  const map = new Map();
+  const sameIds = gotIds.length === wantIds.length && wantIds.every((id) => id in got);
+  if (sameIds) for (const id of wantIds) map.set(id, id);
+  else {
+    const pool = new Map();
+    for (const id of gotIds) {
+      const c = got[id].class_type;
+      if (!pool.has(c)) pool.set(c, []);
+      pool.get(c).push(id);
+    }
+    for (const id of wantIds) {
+      const cand = pool.get(want[id].class_type);
+      if (cand?.length) map.set(id, cand.shift());
+    }
+  }
+  if (gotIds.length !== wantIds.length) diffs.push(`node count ${gotIds.length} != ${wantIds.length}`);
+  for (const id of wantIds) {
+    const gid = map.get(id);
+    const w = want[id];
+    const g = gid != null ? got[gid] : undefined;
+    if (!g) {
+      diffs.push(`${id} (${w.class_type}): missing`);
+      continue;
+    }
+    if (g.class_type !== w.class_type) diffs.push(`${id}: class_type ${g.class_type} != ${w.class_type}`);
+    const keys = new Set([...Object.keys(w.inputs ?? {}), ...Object.keys(g.inputs ?? {})]);
+    for (const k of keys) {
+      const wv = w.inputs?.[k];
+      const gv = g.inputs?.[k];
+      if (Array.isArray(wv) && wv.length === 2 && typeof wv[1] === "number" && typeof wv[0] !== "number") {
+        const ok = Array.isArray(gv) && String(gv[0]) === String(map.get(String(wv[0]))) && gv[1] === wv[1];
+        if (!ok) diffs.push(`${id}.${k}: link ${JSON.stringify(gv)} != ${JSON.stringify(wv)}`);
+      } else if (!sameValue(gv, wv, rounds[gid]?.[k] ?? 0)) {
+        diffs.push(`${id}.${k}: ${JSON.stringify(gv)} != ${JSON.stringify(wv)}`);
+      }
+    }
+  }
+  return diffs;
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// steps
+// --------------------------------------------------------------------------------------------------------------
+
+async function loadWorkflow(page, wf, errs, artifactDir) {
+  const t0 = Date.now();
+  const text = readFileSync(repoPath(wf.ui), "utf8");
+  const json = JSON.parse(text);
+  const types = [...new Set((json.nodes ?? []).map((n) => n.type))];
+  const missing = await page.evaluate(
+    (types) => types.filter((t) => !(t in window.LiteGraph.registered_node_types)),
+    types,
+  );
+  const mark = errs.console.length;
+  const pmark = errs.page.length;
+  await dropFile(page, basename(wf.ui), Buffer.from(text), "application/json");
+  let loaded = true;
+  try {
+    await waitGraphReplaced(page, (json.nodes ?? []).length);
+  } catch {
+    loaded = false;
+  }
+  const dialogs = await openDialogs(page);
+  const state = await page.evaluate(() => ({
+    nodes: window.app.graph._nodes.length,
+    links: Object.keys(window.app.graph.links ?? {}).length,
+    title: document.title,
+    unregistered: window.app.graph._nodes
+      .filter((n) => !(n.type in window.LiteGraph.registered_node_types) || n.has_errors)
+      .map((n) => n.type),
+  }));
+  await fitView(page);
+  const shot = await screenshot(page, artifactDir, `${wf.name}-loaded`);
+  return {
+    loaded,
+    node_types: types,
+    missing_node_types: [...new Set([...missing, ...state.unregistered])],
+    dialogs,
+    nodes: state.nodes,
+    links: state.links,
+    load_ms: Date.now() - t0,
+    console_errors: errs.console.slice(mark),
+    page_errors: errs.page.slice(pmark),
+    screenshot: shot,
+  };
+}
+
+/** {nodeId: {widgetName: round step}} of the FLOAT widgets in the current graph. */
+async function widgetRounds(page) {
+  return page.evaluate(() => {
+    const out = {};
+    for (const n of window.app.graph._nodes) {
+      out[String(n.id)] = {};
+      for (const w of n.widgets ?? []) if (w.options?.round) out[String(n.id)][w.name] = Number(w.options.round);
+    }
+    return out;
+  });
+}
+
+async function promptOutput(page) {
+  return page.evaluate(async () => (await window.app.graphToPrompt()).output);
+}
+
+async function fetchJson(url) {
+  const r = await fetch(url);
+  if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
+  return r.json();
+}
+
+async function queueFromUi(page, base, timeoutS) {
+  const t0 = Date.now();
+  const respP = page.waitForResponse(
+    (r) => r.url().endsWith("/api/prompt") && r.request().method() === "POST",
+    { timeout: 30_000 },
+  );
+  const button = page.locator('[data-testid="queue-button"] button').first();
+  await button.click({ timeout: 15_000 });
+  const resp = await respP;
+  const body = await resp.json().catch(() => ({}));
+  const promptId = body.prompt_id ?? null;
+  const res = { prompt_id: promptId, queue_http_status: resp.status(), node_errors: body.node_errors ?? null };
+  if (!promptId) {
+    res.error = `no prompt id: ${JSON.stringify(body).slice(0, 800)}`;
+    return res;
+  }
+  const deadline = Date.now() + timeoutS * 1000;
+  let entry = null;
+  while (Date.now() < deadline) {
+    const h = await fetchJson(`${base}/api/history/${promptId}`).catch(() => ({}));
+    entry = h[promptId];
+    if (entry?.status?.completed || entry?.status?.status_str === "error") break;
+    await sleep(500);
+  }
+  res.run_ms = Date.now() - t0;
+  res.completed = !!entry?.status?.completed;
+  res.status = entry?.status?.status_str ?? (entry ? "unknown" : "timeout");
+  res.messages = (entry?.status?.messages ?? [])
+    .filter(([t]) => t === "execution_error")
+    .map(([, d]) => `${d.node_type}: ${d.exception_message}`.slice(0, 1000));
+  const images = [];
+  for (const [nodeId, out] of Object.entries(entry?.outputs ?? {})) {
+    for (const im of out.images ?? []) images.push({ node: nodeId, ...im });
+  }
+  res.images = images;
+  res.output_images = images.filter((i) => i.type === "output").length;
+  return res;
+}
+
+/** After a run: what the page shows on ControlStack nodes (hint previews, control report). */
+async function nodeImages(page, timeoutMs = 15_000) {
+  const read = () =>
+    page.evaluate(() => {
+      const out = {};
+      for (const n of window.app.graph._nodes) {
+        if (!String(n.comfyClass ?? n.type).startsWith("ControlStack") && !/Save|Preview/.test(n.type)) continue;
+        out[n.id] = {
+          type: n.type,
+          imgs: (n.imgs ?? []).filter((i) => i?.complete && i.naturalWidth > 0).length,
+          srcs: (n.imgs ?? []).map((i) => i.src?.replace(/^.*\/view\?/, "view?")),
+          hint_event_images: (n.csHintImages ?? []).length,
+          stack_index: n.csStackIndex ?? null,
+          color: n.color ?? null,
+        };
+      }
+      return out;
+    });
+  const want = (o) =>
+    Object.values(o).every((n) => {
+      if (n.type === "ControlStackApplyHint") return n.hint_event_images === 0 || n.imgs > 0;
+      if (n.type === "ControlStackSampler") return n.imgs > 0;
+      return true;
+    });
+  const deadline = Date.now() + timeoutMs;
+  let o = await read();
+  while (!want(o) && Date.now() < deadline) {
+    await page.evaluate(() => window.app.graph.setDirtyCanvas(true, true));
+    await sleep(300);
+    o = await read();
+  }
+  return o;
+}
+
+async function pngRoundtrip(page, base, image, before, artifactDir, name) {
+  const t0 = Date.now();
+  const q = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder ?? "", type: image.type });
+  const r = await fetch(`${base}/api/view?${q}`);
+  const bytes = Buffer.from(await r.arrayBuffer());
+  writeFileSync(join(artifactDir, `${name}-output.png`), bytes);
+  await dropFile(page, image.filename, bytes, "image/png");
+  let loaded = true;
+  try {
+    await waitGraphReplaced(page, null);
+  } catch {
+    loaded = false;
+  }
+  const after = await promptOutput(page);
+  await fitView(page);
+  const shot = await screenshot(page, artifactDir, `${name}-from-png`);
+  return { image: image.filename, loaded, diffs: comparePrompts(after, before), ms: Date.now() - t0, screenshot: shot };
+}
+
+/** Drag bar `index` of the first ControlScale node's chart to `target` with the real mouse. */
+async function dragBar(page, artifactDir, { index = 3, target = 1.5 } = {}) {
+  const t0 = Date.now();
+  const setup = await page.evaluate(() => {
+    let node = window.app.graph._nodes.find((n) => n.comfyClass === "ControlStackControlScale");
+    let created = false;
+    if (!node) {
+      node = window.LiteGraph.createNode("ControlStackControlScale");
+      if (!node) return { error: "ControlStackControlScale not registered" };
+      node.pos = [200, 200];
+      window.app.graph.add(node);
+      created = true;
+    }
+    // Put the node at a known spot on screen at zoom 1.
+    const ds = window.app.canvas.ds;
+    ds.scale = 1;
+    ds.offset[0] = -node.pos[0] + 150;
+    ds.offset[1] = -node.pos[1] + 120;
+    window.app.graph.setDirtyCanvas(true, true);
+    return { id: node.id, created };
+  });
+  if (setup.error) return setup;
+  await sleep(400); // a frame draws the chart and records its y
+  const geo = await page.evaluate(
+    ({ id, index, target }) => {
+      const node = window.app.graph.getNodeById(id);
+      const g = window.ControlStackWeb?.chartGeometry(node);
+      if (!g) return { error: "no layer-scale chart on the node" };
+      const bar = g.bars[index];
+      const ds = window.app.canvas.ds;
+      const rect = window.app.canvas.canvas.getBoundingClientRect();
+      const toScreen = (x, y) => [
+        rect.left + (node.pos[0] + x + ds.offset[0]) * ds.scale,
+        rect.top + (node.pos[1] + y + ds.offset[1]) * ds.scale,
+      ];
+      const yOf = (v) => g.plotBottom - ((v - g.min) / (g.max - g.min)) * (g.plotBottom - g.plotTop);
+      const mode = node.widgets.find((w) => w.name === "mode")?.value;
+      const w = node.widgets.find((w) => w.name === bar.name);
+      return {
+        name: bar.name,
+        from: toScreen(bar.cx, (bar.top + bar.bottom) / 2 - 1),
+        to: toScreen(bar.cx, yOf(target)),
+        before_value: w.value,
+        before_mode: mode,
+      };
+    },
+    { id: setup.id, index, target },
+  );
+  if (geo.error) return geo;
+  const before = await promptOutput(page);
+  await page.mouse.move(geo.from[0], geo.from[1]);
+  await page.mouse.down();
+  const steps = 8;
+  for (let i = 1; i <= steps; i++) {
+    const y = geo.from[1] + ((geo.to[1] - geo.from[1]) * i) / steps;
+    await page.mouse.move(geo.from[0], y);
+    await sleep(30);
+  }
+  await page.mouse.up();
+  await sleep(300);
+  const after = await page.evaluate(
+    ({ id, name }) => {
+      const node = window.app.graph.getNodeById(id);
+      return {
+        value: node.widgets.find((w) => w.name === name).value,
+        mode: node.widgets.find((w) => w.name === "mode")?.value,
+        bar_top: window.ControlStackWeb.chartGeometry(node).bars.find((b) => b.name === name).top,
+      };
+    },
+    { id: setup.id, name: geo.name },
+  );
+  const prompt = await promptOutput(page);
+  const shot = await screenshot(page, artifactDir, "layer-scale-drag");
+  // Presets redraw the bars: switch to "prompt is more important" through the widget's callback (as the UI does).
+  const preset = await page.evaluate((id) => {
+    const node = window.app.graph.getNodeById(id);
+    const mw = node.widgets.find((w) => w.name === "mode");
+    mw.value = "prompt is more important";
+    mw.callback?.(mw.value, window.app.canvas, node);
+    const layers = node.widgets.filter((w) => /^in_\d\d$|^middle$/.test(w.name));
+    const geo = window.ControlStackWeb.chartGeometry(node);
+    return { values: layers.map((w) => w.value), bar_tops: geo.bars.map((b) => b.top) };
+  }, setup.id);
+  const presetPrompt = await promptOutput(page);
+  return {
+    node: setup.id,
+    created_node: setup.created,
+    widget: geo.name,
+    target,
+    before_value: geo.before_value,
+    before_mode: geo.before_mode,
+    after_value: after.value,
+    after_mode: after.mode,
+    prompt_before: before[String(setup.id)]?.inputs ?? null,
+    prompt_after: prompt[String(setup.id)]?.inputs ?? null,
+    preset_values: preset.values,
+    preset_bar_tops: preset.bar_tops,
+    preset_prompt: presetPrompt[String(setup.id)]?.inputs ?? null,
+    ms: Date.now() - t0,
+    screenshot: shot,
+  };
+}
+
+// --------------------------------------------------------------------------------------------------------------
+
+async function main() {
+  const job = readJob();
+  const base = job.url.replace(/\/$/, "");
+  const artifactDir = repoPath(job.artifact_dir ?? ".artifacts/browser");
+  mkdirSync(artifactDir, { recursive: true });
+  const t0 = Date.now();
+  const result = { url: base, workflows: [], timings: {} };
+  const { context, blocked, close } = await launch();
+  try {
+    const { page, consoleErrors, pageErrors } = await openApp(context, `${base}/`);
+    const errs = { console: consoleErrors, page: pageErrors };
+    result.timings.open_ms = Date.now() - t0;
+    result.startup = await page.evaluate(() => ({
+      extension: !!window.ControlStackWeb,
+      controlstack_types: Object.keys(window.LiteGraph.registered_node_types).filter((t) =>
+        t.startsWith("ControlStack"),
+      ),
+      frontend_version: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+    }));
+    result.startup.console_errors = [...consoleErrors];
+    result.startup.page_errors = [...pageErrors];
+    await closeDialogs(page);
+    await screenshot(page, artifactDir, "startup");
+    let roundtripDone = false;
+
+    for (const wf of job.workflows ?? []) {
+      log("workflow", wf.name);
+      const rec = { name: wf.name };
+      result.workflows.push(rec);
+      try {
+        Object.assign(rec, await loadWorkflow(page, wf, errs, artifactDir));
+        if (wf.api) {
+          const api = JSON.parse(readFileSync(repoPath(wf.api), "utf8"));
+          const got = await promptOutput(page);
+          rec.api_diffs = comparePrompts(got, api, await widgetRounds(page));
+        }
+        await closeDialogs(page);
+        if (job.run && rec.loaded) {
+          const before = await promptOutput(page);
+          const mark = errs.console.length;
+          const pmark = errs.page.length;
+          Object.assign(rec, await queueFromUi(page, base, job.run_timeout_s ?? 300));
+          rec.node_images = await nodeImages(page);
+          rec.run_console_errors = errs.console.slice(mark);
+          rec.run_page_errors = errs.page.slice(pmark);
+          rec.dialogs_after_run = await openDialogs(page);
+          await fitView(page);
+          rec.run_screenshot = await screenshot(page, artifactDir, `${wf.name}-run`);
+          const png = (rec.images ?? []).find((i) => i.type === "output" && i.filename.endsWith(".png"));
+          if (job.png_roundtrip && png && !roundtripDone) {
+            rec.png_roundtrip = await pngRoundtrip(page, base, png, before, artifactDir, wf.name);
+            roundtripDone = true;
+          }
+        }
+      } catch (e) {
+        rec.error = String(e?.stack || e);
+        log("error", wf.name, rec.error);
+        await screenshot(page, artifactDir, `${wf.name}-error`);
+      }
+    }
+
+    if (job.drag) {
+      log("drag");
+      try {
+        const wf = (job.workflows ?? []).find((w) => {
+          const j = JSON.parse(readFileSync(repoPath(w.ui), "utf8"));
+          return (j.nodes ?? []).some((n) => n.type === "ControlStackControlScale");
+        });
+        if (wf) {
+          const rec = await loadWorkflow(page, wf, errs, artifactDir);
+          if (!rec.loaded) throw new Error(`could not reload ${wf.name}`);
+        } else {
+          await page.evaluate(() => window.app.graph.clear());
+        }
+        result.drag = { workflow: wf?.name ?? null, ...(await dragBar(page, artifactDir, job.drag_args ?? {})) };
+      } catch (e) {
+        result.drag = { error: String(e?.stack || e) };
+      }
+    }
+    result.console_errors = [...consoleErrors];
+    result.page_errors = [...pageErrors];
+  } finally {
+    result.blocked_requests = [...new Set(blocked)];
+    await close();
+  }
+  result.timings.total_ms = Date.now() - t0;
+  process.stdout.write(JSON.stringify(result) + "\n");
+}
+
+const isMain = process.argv[1] && resolve(process.argv[1]) === resolve(new URL(import.meta.url).pathname);
+if (isMain) {
+  main().catch((e) => {
+    process.stderr.write(String(e?.stack || e) + "\n");
+    process.exit(1);
+  });
+}

@@ -1,0 +1,466 @@
+// ControlStack frontend extension (plain ES module, loaded by ComfyUI through WEB_DIRECTORY = "./web").
+//
+// - ControlStackControlScale: a draggable bar chart of the per-layer multipliers (in_00..in_11, middle), kept in
+//   sync with the node's number widgets both ways; the mode presets redraw the bars, dragging switches to "custom".
+// - ControlStackApplyHint: shows the hint actually used (server event `controlstack.hint_preview`), is coloured by
+//   its position in the stack (1st, 2nd, 3rd ... along the MODEL chain) and carries a "#k" badge.
+// - ControlStackSampler: its control report comes back as normal ui.images; the frontend shows it like any output.
+// - Tooltips on every ControlStack widget (from the node definition, with fallbacks written here).
+// Nothing here talks to anything but the ComfyUI server that served the page.
+
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const EXT = "ControlStack.Web";
+const SCALE_NODE = "ControlStackControlScale";
+const HINT_NODE = "ControlStackApplyHint";
+const SAMPLER_NODE = "ControlStackSampler";
+const HINT_EVENT = "controlstack.hint_preview";
+
+export const LAYERS = [
+  "in_00", "in_01", "in_02", "in_03", "in_04", "in_05",
+  "in_06", "in_07", "in_08", "in_09", "in_10", "in_11", "middle",
+];
+export const MODE_BALANCED = "balanced";
+export const MODE_PROMPT = "prompt is more important";
+export const MODE_CONTROL = "ControlNet is more important";
+export const MODE_CUSTOM = "custom";
+
+/** Values a preset gives each layer widget; null for "custom" (the user's values stay). */
+export function presetValues(mode, count = LAYERS.length) {
+  if (mode === MODE_PROMPT) {
+    // Guess mode: 0.825 ** (12 - i), i = 0..12, middle (i = 12) gets 1.0.
+    return Array.from({ length: count }, (_, i) => 0.825 ** (count - 1 - i));
+  }
+  if (mode === MODE_BALANCED || mode === MODE_CONTROL) return Array(count).fill(1.0);
+  return null;
+}
+
+function close(a, b) {
+  return Math.abs(Number(a) - Number(b)) < 5e-4;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Layer-scale bar chart
+// ---------------------------------------------------------------------------------------------------------------
+
+const CHART_NAME = "layer_scales_chart";
+const CHART_HEIGHT = 96;
+const CHART_MARGIN = 15;
+const CHART_PAD_TOP = 16; // room for the mode label
+const CHART_PAD_BOTTOM = 14; // room for the layer labels
+
+function layerWidgets(node) {
+  return LAYERS.map((name) => node.widgets?.find((w) => w.name === name)).filter(Boolean);
+}
+
+function modeWidget(node) {
+  return node.widgets?.find((w) => w.name === "mode");
+}
+
+function valueRange(widget) {
+  const min = Number(widget?.options?.min ?? 0);
+  const max = Number(widget?.options?.max ?? 2);
+  return max > min ? [min, max] : [0, 2];
+}
+
+/** Node-relative geometry of the chart and its bars (also used by the browser tests to aim the mouse). */
+function chartGeometry(node, chart) {
+  const layers = layerWidgets(node);
+  const width = chart.width || node.size[0];
+  const top = (chart.last_y ?? chart.y ?? 0) + 2;
+  const x0 = CHART_MARGIN;
+  const x1 = width - CHART_MARGIN;
+  const plotTop = top + CHART_PAD_TOP;
+  const plotBottom = top + CHART_HEIGHT - CHART_PAD_BOTTOM;
+  const slot = (x1 - x0) / Math.max(1, layers.length);
+  const [min, max] = valueRange(layers[0]);
+  const yOf = (v) => plotBottom - ((Math.min(max, Math.max(min, v)) - min) / (max - min)) * (plotBottom - plotTop);
+  const vOf = (y) => min + ((plotBottom - y) / (plotBottom - plotTop)) * (max - min);
+  const bars = layers.map((w, i) => {
+    const left = x0 + i * slot + slot * 0.15;
+    const right = x0 + (i + 1) * slot - slot * 0.15;
+    return { name: w.name, left, right, cx: (left + right) / 2, top: yOf(Number(w.value)), bottom: plotBottom };
+  });
+  return { top, x0, x1, plotTop, plotBottom, slot, min, max, yOf, vOf, bars, layers };
+}
+
+function setLayerValue(node, widget, value, { snap = false } = {}) {
+  const [min, max] = valueRange(widget);
+  let v = Math.min(max, Math.max(min, value));
+  if (snap) v = Math.round(v * 100) / 100; // mouse drags land on 0.01 steps
+  if (widget.value === v) return false;
+  const old = widget.value;
+  widget.value = v;
+  // Programmatic call (one argument): the wrapped callback does not treat it as a user edit of the number.
+  widget.__csOrigCallback?.call(widget, v);
+  node.onWidgetChanged?.(widget.name, v, old, widget);
+  return true;
+}
+
+function setMode(node, mode) {
+  const mw = modeWidget(node);
+  if (!mw || mw.value === mode) return;
+  const old = mw.value;
+  mw.value = mode;
+  mw.__csOrigCallback?.call(mw, mode);
+  node.onWidgetChanged?.(mw.name, mode, old, mw);
+}
+
+/** Apply the preset of the node's current mode to the layer widgets (no-op for "custom"). */
+function applyPreset(node) {
+  const mw = modeWidget(node);
+  const layers = layerWidgets(node);
+  const values = presetValues(mw?.value, layers.length);
+  if (!values) return;
+  layers.forEach((w, i) => setLayerValue(node, w, values[i]));
+  node.graph?.setDirtyCanvas(true, true);
+}
+
+function matchesPreset(node) {
+  const mw = modeWidget(node);
+  const layers = layerWidgets(node);
+  const values = presetValues(mw?.value, layers.length);
+  return !values || layers.every((w, i) => close(w.value, values[i]));
+}
+
+function markChanged(node) {
+  if (node.graph) node.graph._version++;
+  node.graph?.setDirtyCanvas(true, true);
+  // The workflow's change tracker (undo/redo, "modified" dot) checks the graph on every window mouseup.
+}
+
+function drawChart(ctx, node, width, y) {
+  const chart = this;
+  chart.last_y = y;
+  const g = chartGeometry(node, chart);
+  const mode = modeWidget(node)?.value;
+  ctx.save();
+  // frame
+  ctx.fillStyle = "#1b1b1b";
+  ctx.strokeStyle = "#444";
+  ctx.beginPath();
+  ctx.roundRect?.(g.x0, g.top, g.x1 - g.x0, CHART_HEIGHT - 4, 4) ?? ctx.rect(g.x0, g.top, g.x1 - g.x0, CHART_HEIGHT - 4);
+  ctx.fill();
+  ctx.stroke();
+  // 1.0 reference line
+  if (g.min <= 1 && g.max >= 1) {
+    const y1 = g.yOf(1);
+    ctx.strokeStyle = "#666";
+    ctx.setLineDash([3, 3]);
+    ctx.beginPath();
+    ctx.moveTo(g.x0 + 2, y1);
+    ctx.lineTo(g.x1 - 2, y1);
+    ctx.stroke();
+    ctx.setLineDash([]);
+  }
+  // bars
+  g.bars.forEach((b, i) => {
+    const active = chart.dragIndex === i;
+    const isMiddle = b.name === "middle";
+    ctx.fillStyle = active ? "#ffcc66" : isMiddle ? "#c586c0" : "#4fa3e0";
+    ctx.fillRect(b.left, b.top, Math.max(1, b.right - b.left), Math.max(1, b.bottom - b.top));
+  });
+  // labels
+  ctx.font = "9px Arial";
+  ctx.textAlign = "center";
+  ctx.fillStyle = "#999";
+  g.bars.forEach((b, i) => {
+    const label = b.name === "middle" ? "M" : String(i);
+    ctx.fillText(label, b.cx, g.plotBottom + 10);
+  });
+  ctx.textAlign = "left";
+  ctx.font = "10px Arial";
+  ctx.fillStyle = "#ccc";
+  let label = `layer scales · ${mode ?? ""}`;
+  if (mode === MODE_CONTROL) label = "ControlNet is more important: cond only, uncond ×0";
+  if (chart.dragIndex != null) {
+    const b = g.layers[chart.dragIndex];
+    if (b) label = `${b.name} = ${Number(b.value).toFixed(2)}`;
+  }
+  ctx.fillText(label, g.x0 + 4, g.top + 11, g.x1 - g.x0 - 8);
+  ctx.restore();
+}
+
+function chartMouse(event, pos, node) {
+  const chart = this;
+  const g = chartGeometry(node, chart);
+  const type = event.type;
+  const [x, y] = pos;
+  const indexAt = (px) => Math.max(0, Math.min(g.bars.length - 1, Math.floor((px - g.x0) / g.slot)));
+  if (type === "pointerdown" || type === "mousedown") {
+    if (x < g.x0 || x > g.x1 || y < g.plotTop - 6 || y > g.plotBottom + 2) return false;
+    chart.dragIndex = indexAt(x);
+  } else if (type === "pointermove" || type === "mousemove") {
+    if (chart.dragIndex == null) return false;
+    if (event.buttons === 0) {
+      chart.dragIndex = null;
+      return true;
+    }
+    chart.dragIndex = indexAt(x); // "paint" across bars while dragging
+  } else if (type === "pointerup" || type === "mouseup") {
+    if (chart.dragIndex == null) return false;
+  } else {
+    return false;
+  }
+  const widget = g.layers[chart.dragIndex];
+  if (widget && setLayerValue(node, widget, g.vOf(y), { snap: true })) {
+    if (!matchesPreset(node)) setMode(node, MODE_CUSTOM);
+  }
+  if (type === "pointerup" || type === "mouseup") {
+    chart.dragIndex = null;
+    markChanged(node);
+  }
+  node.graph?.setDirtyCanvas(true, true);
+  return true;
+}
+
+function setupScaleNode(node) {
+  if (node.widgets?.some((w) => w.name === CHART_NAME)) return;
+  const mw = modeWidget(node);
+  const layers = layerWidgets(node);
+  if (!mw || !layers.length) return;
+
+  // mode -> bars: a preset rewrites the layer widgets.
+  mw.__csOrigCallback = mw.callback;
+  mw.callback = function (value, ...rest) {
+    const r = mw.__csOrigCallback?.call(this, value, ...rest);
+    applyPreset(node);
+    return r;
+  };
+  // number widget -> mode: a user edit that leaves the preset switches to custom. Programmatic sets
+  // (loadApiJson passes one argument) keep the mode, so an API workflow loads exactly as written.
+  for (const w of layers) {
+    w.__csOrigCallback = w.callback;
+    w.callback = function (value, canvas, ...rest) {
+      const r = w.__csOrigCallback?.call(this, value, canvas, ...rest);
+      if (canvas !== undefined && !matchesPreset(node)) setMode(node, MODE_CUSTOM);
+      node.graph?.setDirtyCanvas(true, true);
+      return r;
+    };
+  }
+
+  // The chart goes last: serialize() leaves a hole at a non-serialized widget's index, so it must not
+  // sit before the widgets whose values are saved.
+  const chart = {
+    name: CHART_NAME,
+    type: "controlstack.layer_scales",
+    value: null,
+    serialize: false,
+    options: { serialize: false },
+    tooltip: "Drag a bar to set that layer's multiplier (shallow → deep, M = middle). Dragging switches mode to custom.",
+    dragIndex: null,
+    draw: drawChart,
+    mouse: chartMouse,
+    computeSize(width) {
+      return [width ?? node.size[0], CHART_HEIGHT];
+    },
+    geometry() {
+      const g = chartGeometry(node, chart);
+      return { top: g.top, plotTop: g.plotTop, plotBottom: g.plotBottom, min: g.min, max: g.max, bars: g.bars };
+    },
+  };
+  node.addCustomWidget(chart);
+  const size = node.computeSize();
+  node.setSize([Math.max(node.size[0], size[0], 280), Math.max(node.size[1], size[1])]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Stack order colours (ApplyHint nodes along the MODEL chain)
+// ---------------------------------------------------------------------------------------------------------------
+
+// [title colour, body colour]; index = position in the stack - 1 (cycled).
+export const STACK_COLORS = [
+  ["#2b5278", "#1e3a56"],
+  ["#2f6b3a", "#22502b"],
+  ["#7a4b1f", "#5a3716"],
+  ["#6a2f6b", "#4d224e"],
+  ["#7a2e2e", "#592121"],
+  ["#2e6b6b", "#214f4f"],
+];
+const PALETTE_COLORS = new Set(STACK_COLORS.flat());
+
+/** 1-based position of an ApplyHint node in its chain (how many ApplyHint nodes feed its model input, + 1). */
+export function stackIndex(node) {
+  let k = 1;
+  let cur = node;
+  const seen = new Set([node]);
+  for (let guard = 0; guard < 256; guard++) {
+    const slot = cur.findInputSlot?.("model") ?? -1;
+    if (slot < 0) break;
+    let up = cur.getInputNode?.(slot);
+    // pass through reroutes and bypass-free plumbing nodes that have a single input
+    while (up && up.comfyClass !== HINT_NODE && up.type === "Reroute") up = up.getInputNode?.(0);
+    if (!up || seen.has(up) || up.comfyClass !== HINT_NODE) break;
+    seen.add(up);
+    k += 1;
+    cur = up;
+  }
+  return k;
+}
+
+function recolorStack(graph = app.graph) {
+  const nodes = graph?._nodes ?? graph?.nodes ?? [];
+  for (const node of nodes) {
+    if (node.comfyClass !== HINT_NODE) continue;
+    const k = stackIndex(node);
+    node.csStackIndex = k;
+    // Respect colours the user picked: only (re)colour nodes that are uncoloured or wear one of ours.
+    const ours = (node.color === undefined || PALETTE_COLORS.has(node.color)) &&
+      (node.bgcolor === undefined || PALETTE_COLORS.has(node.bgcolor));
+    if (!ours) continue;
+    const [color, bgcolor] = STACK_COLORS[(k - 1) % STACK_COLORS.length];
+    node.color = color;
+    node.bgcolor = bgcolor;
+  }
+  graph?.setDirtyCanvas?.(true, true);
+}
+
+let recolorQueued = false;
+function queueRecolor() {
+  if (recolorQueued) return;
+  recolorQueued = true;
+  queueMicrotask(() => {
+    recolorQueued = false;
+    recolorStack();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hint preview (server event) and tooltips
+// ---------------------------------------------------------------------------------------------------------------
+
+function onHintPreview({ detail }) {
+  if (!detail || detail.node == null || !Array.isArray(detail.images)) return;
+  const id = String(detail.node);
+  const node = app.graph?.getNodeById?.(id) ?? app.graph?.getNodeById?.(Number(id));
+  const images = detail.images.map(({ filename, subfolder = "", type = "temp" }) => ({ filename, subfolder, type }));
+  // Same store the frontend fills from `executed` ui.images; the node's background handler loads them into
+  // node.imgs and draws them under the widgets.
+  app.nodeOutputs[id] = { images };
+  if (node) {
+    node.csHintImages = images;
+    node.setDirtyCanvas?.(true, true);
+  }
+  app.graph?.setDirtyCanvas(true, true);
+}
+
+const FALLBACK_TOOLTIPS = {
+  [HINT_NODE]: {
+    model: "The model to patch; chain several Apply Hint nodes to stack ControlNets (colour = position in the stack).",
+    control_net: "A ControlNet from Load ControlNet (ControlStack).",
+    image: "The hint image (edges, depth, pose ...), resized to the latent size with resize_mode.",
+    strength: "Multiplier on every residual of this ControlNet.",
+    start_percent: "Sampling progress at which this ControlNet starts acting.",
+    end_percent: "Sampling progress at which this ControlNet stops acting.",
+    resize_mode: "How the hint is fitted to the generated image size.",
+    mask: "Optional: restrict the ControlNet's effect to the masked area.",
+    scales: "Optional per-layer multipliers from ControlNet Layer Scales.",
+  },
+  [SCALE_NODE]: {
+    mode: "balanced: all 1.0 · prompt is more important: 0.825^(12-i) · ControlNet is more important: cond only · custom: your values.",
+    middle: "Multiplier of the middle-block residual.",
+  },
+  [SAMPLER_NODE]: {},
+};
+for (let i = 0; i < 12; i++) {
+  FALLBACK_TOOLTIPS[SCALE_NODE][`in_${String(i).padStart(2, "0")}`] =
+    `Multiplier of encoder residual ${i} (0 = shallowest, 11 = deepest).`;
+}
+
+function inputTooltip(nodeData, name) {
+  for (const group of ["required", "optional"]) {
+    const spec = nodeData?.input?.[group]?.[name];
+    if (spec && spec[1] && spec[1].tooltip) return spec[1].tooltip;
+  }
+  return null;
+}
+
+function setTooltips(node, nodeData) {
+  const fallbacks = FALLBACK_TOOLTIPS[node.comfyClass] ?? {};
+  for (const w of node.widgets ?? []) {
+    if (w.tooltip) continue;
+    const tip = inputTooltip(nodeData, w.name) ?? fallbacks[w.name];
+    if (tip) w.tooltip = tip;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Registration
+// ---------------------------------------------------------------------------------------------------------------
+
+const OUR_NODES = new Set([SCALE_NODE, HINT_NODE, SAMPLER_NODE]);
+const nodeDataByClass = new Map();
+
+app.registerExtension({
+  name: EXT,
+
+  async setup() {
+    api.addEventListener(HINT_EVENT, onHintPreview);
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    const cls = nodeData?.name ?? "";
+    if (!cls.startsWith("ControlStack")) return;
+    nodeDataByClass.set(cls, nodeData);
+    if (!nodeData.description) {
+      nodeData.description = {
+        [HINT_NODE]: "Adds one ControlNet with its hint to the model's control stack.",
+        [SCALE_NODE]: "Per-layer multipliers for a ControlNet's residuals; drag the bars.",
+        [SAMPLER_NODE]: "KSampler that also returns a report of what each ControlNet did.",
+      }[cls] ?? "";
+    }
+
+    if (cls === HINT_NODE) {
+      const onConnectionsChange = nodeType.prototype.onConnectionsChange;
+      nodeType.prototype.onConnectionsChange = function (...args) {
+        const r = onConnectionsChange?.apply(this, args);
+        queueRecolor();
+        return r;
+      };
+      const onRemoved = nodeType.prototype.onRemoved;
+      nodeType.prototype.onRemoved = function (...args) {
+        const r = onRemoved?.apply(this, args);
+        queueRecolor();
+        return r;
+      };
+      const onDrawForeground = nodeType.prototype.onDrawForeground;
+      nodeType.prototype.onDrawForeground = function (ctx, ...rest) {
+        const r = onDrawForeground?.call(this, ctx, ...rest);
+        if (this.csStackIndex && !this.flags?.collapsed) {
+          const H = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+          ctx.save();
+          ctx.font = "bold 12px Arial";
+          ctx.textAlign = "right";
+          ctx.fillStyle = "#ddd";
+          ctx.fillText(`#${this.csStackIndex}`, this.size[0] - 8, -H * 0.32);
+          ctx.restore();
+        }
+        return r;
+      };
+    }
+  },
+
+  nodeCreated(node) {
+    const cls = node.comfyClass;
+    if (!OUR_NODES.has(cls) && !String(cls ?? "").startsWith("ControlStack")) return;
+    setTooltips(node, nodeDataByClass.get(cls));
+    if (cls === SCALE_NODE) setupScaleNode(node);
+    if (cls === HINT_NODE) queueRecolor();
+  },
+
+  async afterConfigureGraph() {
+    recolorStack();
+  },
+});
+
+// Small, stable hooks for the browser tests (read-only helpers; nothing depends on them).
+globalThis.ControlStackWeb = {
+  presetValues,
+  stackIndex,
+  recolorStack,
+  chartGeometry(node) {
+    const chart = node?.widgets?.find((w) => w.name === CHART_NAME);
+    return chart ? chart.geometry() : null;
+  },
+};
