@@ -1,0 +1,60 @@
+"""Fixtures for host tests: one real ComfyUI server with the ControlStack pack, shared by the session.
+
+The host (ComfyUI 0.3.75 in .host/comfyui) and the random test models (.host/base/models) are installed on
+first use; ``CONTROLSTACK_COMFY_DIR`` / ``CONTROLSTACK_BASE_DIR`` point at an existing ComfyUI and models
+instead. On any failed test the server log is copied to .artifacts/.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import host
+import pytest
+
+ARTIFACTS = host.REPO / ".artifacts"
+
+
+@pytest.fixture(scope="session")
+def host_models() -> dict[str, Path]:
+    """Paths of the random SD1.5 checkpoint and ControlNets (keys: checkpoint, canny, depth, scribble)."""
+    comfy_dir = host.resolve_comfy_dir()
+    if comfy_dir == host.DEFAULT_COMFY_DIR:
+        host.install_host(comfy_dir)
+    return host.build_models(host.resolve_base_dir(), comfy_dir=comfy_dir)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(request: pytest.FixtureRequest, host_models: dict[str, Path]) -> Iterator[host.ComfyServer]:
+    """A started ComfyServer with the pack loaded; stopped at the end of the session."""
+    server = host.ComfyServer()
+    failed_before = request.session.testsfailed
+    try:
+        server.start(timeout=180)
+    except host.HostError:
+        _dump_log(server, "startup")
+        raise
+    try:
+        yield server
+    finally:
+        server.stop()
+        if request.session.testsfailed > failed_before:
+            _dump_log(server, "session")
+
+
+def _dump_log(server: host.ComfyServer, why: str) -> None:
+    if server.log_path.is_file():
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(server.log_path, ARTIFACTS / f"comfyui-{why}-{server.port}.log")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.failed and "comfy_server" in getattr(item, "fixturenames", ()):
+        server = item.funcargs.get("comfy_server") if hasattr(item, "funcargs") else None
+        if isinstance(server, host.ComfyServer):
+            _dump_log(server, "failed")
+    return report
