@@ -92,33 +92,32 @@ def diffusers_to_ldm(keys: Iterable[str]) -> dict[str, str]:
     return {k: new for k in keys if (new := _rename(k, table)) is not None}
 
 
-_UNSUPPORTED = (  # (test on the key set, what it is)
-    (lambda ks: "lora_controlnet" in ks, "Control-LoRA (lora_controlnet)"),
-    (
-        lambda ks: any(k.startswith(("task_embedding", "control_add_embedding.")) for k in ks),
-        "ControlNet-Union",
-    ),
-    (lambda ks: any("lllite" in k for k in ks), "ControlNet-LLLite"),
-    (lambda ks: any(k.startswith("controlnet_blocks.") for k in ks), "SD3 / Flux / DiT ControlNet"),
+# (key prefixes or exact names, what it is); any key matching is enough.
+_UNSUPPORTED = (
+    (("lora_controlnet",), "Control-LoRA (lora_controlnet)"),
+    (("task_embedding", "control_add_embedding."), "ControlNet-Union"),
+    (("lllite",), "ControlNet-LLLite"),
+    (("controlnet_blocks.", "controlnet_x_embedder."), "SD3 / Flux / DiT ControlNet"),
 )
 _NOT_A_CONTROLNET = (
-    (lambda ks: any(k.startswith(("adapter.", "body.0.")) or ".body.0." in k for k in ks), "a T2I-Adapter"),
+    (("adapter.", "body.0.", "style_embedding"), "a T2I-Adapter"),
+    (("encoder.down", "decoder.up", "first_stage_model.", "quant_conv."), "a VAE"),
     (
-        lambda ks: any(k.startswith(("encoder.down.", "decoder.up.", "first_stage_model.")) for k in ks),
-        "a VAE",
-    ),
-    (
-        lambda ks: any("output_blocks." in k or k.startswith("up_blocks.") for k in ks),
+        ("output_blocks.", "model.diffusion_model.", "diffusion_model.", "up_blocks."),
         "a UNet / SD checkpoint",
     ),
 )
 
 
+def _any_starts(keys: set[str], prefixes: tuple[str, ...]) -> bool:
+    return any(k.startswith(prefixes) for k in keys)
+
+
 def detect_layout(keys: Iterable[str], name: str = "state dict") -> str:
     """'ldm', 'ldm-prefixed' or 'diffusers'; refuses other models and unsupported variants clearly."""
     ks = set(keys)
-    for test, what in _UNSUPPORTED:
-        if test(ks):
+    for prefixes, what in _UNSUPPORTED:
+        if _any_starts(ks, prefixes):
             raise ControlNetError(f"{name}: unsupported ControlNet variant {what}")
     if LDM_PREFIX + "zero_convs.0.0.weight" in ks:
         return "ldm-prefixed"
@@ -126,8 +125,8 @@ def detect_layout(keys: Iterable[str], name: str = "state dict") -> str:
         return "ldm"
     if "controlnet_cond_embedding.conv_in.weight" in ks:
         return "diffusers"
-    for test, what in _NOT_A_CONTROLNET:
-        if test(ks):
+    for prefixes, what in _NOT_A_CONTROLNET:
+        if _any_starts(ks, prefixes):
             raise ControlNetError(
                 f"{name}: this is {what}, not a ControlNet (no zero_convs / controlnet_down_blocks)"
             )
