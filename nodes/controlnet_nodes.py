@@ -1,0 +1,283 @@
+"""The four ControlStack nodes. Thin: inputs and outputs here, the work in controlnet/ and nodes/patcher.py."""
+
+from __future__ import annotations
+
+import folder_paths
+import torch
+
+from ..controlnet import ControlNetError
+from ..preprocessors.resize import RESIZE_MODES
+from . import patcher
+from .ui import hint_preview_sender, render_report, save_temp_images
+
+CATEGORY = "ControlStack"
+LAYERS = [f"in_{i:02d}" for i in range(12)] + ["middle"]
+SCALE_MODES = {
+    "balanced": "balanced",
+    "prompt is more important": "prompt",
+    "ControlNet is more important": "control",
+    "custom": "balanced",
+}
+
+
+def layer_names(num_residuals: int) -> list[str]:
+    """in_00 .. in_NN, middle: 13 names for SD1.x/SD2.x, 10 for SDXL."""
+    return LAYERS[: num_residuals - 1] + ["middle"]
+
+
+class LoadControlNet:
+    DESCRIPTION = (
+        "Load a ControlNet from the controlnet models folder: SD1.x, SD2.x or SDXL; original, diffusers or "
+        "'difference' layouts; .safetensors, .pth, .ckpt or .bin. Pickles never run code."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CS_CONTROLNET",)
+    RETURN_NAMES = ("control_net",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "control_net_name": (
+                    folder_paths.get_filename_list("controlnet"),
+                    {
+                        "tooltip": "A ControlNet file in ComfyUI's models/controlnet folder (or an extra model path)."
+                    },
+                )
+            }
+        }
+
+    def load(self, control_net_name: str):
+        path = folder_paths.get_full_path("controlnet", control_net_name)
+        if path is None:
+            raise ControlNetError(
+                f"control_net_name: '{control_net_name}' is not in the controlnet models folder"
+            )
+        return (patcher.load_host_controlnet(path),)
+
+
+class ApplyHint:
+    DESCRIPTION = (
+        "Stack a ControlNet onto a MODEL: its residuals are added to the UNet's skip connections while sampling "
+        "from start_percent to end_percent. Chain several to stack any number of ControlNets."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to control (SD1.x, SD2.x or SDXL)."}),
+                "control_net": ("CS_CONTROLNET", {"tooltip": "From Load ControlNet (ControlStack)."}),
+                "image": (
+                    "IMAGE",
+                    {"tooltip": "The hint: an edge map, depth map, pose, scribble... RGB in [0,1]."},
+                ),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.01,
+                        "tooltip": "Multiplies every residual. 0 switches this ControlNet off.",
+                    },
+                ),
+                "start_percent": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.001,
+                        "tooltip": "Sampling progress at which this ControlNet starts.",
+                    },
+                ),
+                "end_percent": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.001,
+                        "tooltip": "Sampling progress at which this ControlNet stops.",
+                    },
+                ),
+                "resize_mode": (
+                    list(RESIZE_MODES),
+                    {
+                        "tooltip": "How the hint is fitted to the generation size: stretch, crop the overflow, or pad."
+                    },
+                ),
+            },
+            "optional": {
+                "mask": ("MASK", {"tooltip": "Where the ControlNet acts (1) and where not (0)."}),
+                "scales": (
+                    "CS_SCALES",
+                    {"tooltip": "Per-layer multipliers and mode from ControlNet Layer Scales."},
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def apply(
+        self,
+        model,
+        control_net,
+        image,
+        strength,
+        start_percent,
+        end_percent,
+        resize_mode,
+        mask=None,
+        scales=None,
+        unique_id=None,
+    ):
+        if start_percent > end_percent:
+            raise ControlNetError(
+                f"start_percent ({start_percent}) must not be after end_percent ({end_percent})"
+            )
+        mode, layer_scales = "balanced", None
+        if scales is not None:
+            mode = scales["mode"]
+            if scales["custom"] is not None:
+                custom = scales["custom"]
+                n = control_net.module.num_residuals
+                layer_scales = tuple(custom[: n - 1]) + (custom[-1],)
+        entry = {
+            "hint": hint_to_bchw(image),
+            "strength": float(strength),
+            "start_percent": float(start_percent),
+            "end_percent": float(end_percent),
+            "scales": layer_scales,
+            "mode": mode,
+            "mask": None if mask is None else (mask[None] if mask.ndim == 2 else mask).float(),
+            "resize_mode": resize_mode,
+            "label": str(unique_id) if unique_id is not None else control_net.name,
+        }
+        preview = hint_preview_sender(str(unique_id)) if unique_id is not None else None
+        return (patcher.apply_hint(model, control_net, entry, preview),)
+
+
+def hint_to_bchw(image: torch.Tensor) -> torch.Tensor:
+    """IMAGE (B x H x W x C) -> B x 3 x H x W. Grayscale is repeated; RGBA is composited onto black (transparent
+    pixels carry no control signal)."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
+        raise ControlNetError(
+            f"image: expected a hint IMAGE of B x H x W x 1, 3 or 4 channels, got shape {tuple(image.shape)}"
+        )
+    if not torch.isfinite(image).all():
+        raise ControlNetError("image: the hint contains NaN or infinite values")
+    if image.shape[-1] == 1:
+        image = image.expand(-1, -1, -1, 3)
+    elif image.shape[-1] == 4:
+        image = image[..., :3] * image[..., 3:]
+    return image.movedim(-1, 1).float().clamp(0, 1).contiguous()
+
+
+class ControlScale:
+    DESCRIPTION = (
+        "Per-layer multipliers and the control mode for Apply ControlNet Hint. balanced: every layer at strength. "
+        "prompt is more important: layer i x 0.825^(12-i), shallow layers fade. ControlNet is more important: the "
+        "residuals go to the positive prompt only, so CFG amplifies them. custom: the in_00..middle values below "
+        "(SDXL uses in_00..in_08 and middle)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CS_SCALES",)
+    RETURN_NAMES = ("scales",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        layers = {
+            name: (
+                "FLOAT",
+                {
+                    "default": 1.0,
+                    "min": 0.0,
+                    "max": 2.0,
+                    "step": 0.01,
+                    "tooltip": f"Multiplier of residual {name} (custom mode).",
+                },
+            )
+            for name in LAYERS
+        }
+        return {
+            "required": {"mode": (list(SCALE_MODES), {"tooltip": "How the ControlNet is weighed."}), **layers}
+        }
+
+    def build(self, mode, **layers):
+        if mode not in SCALE_MODES:
+            raise ControlNetError(f"mode: expected one of {list(SCALE_MODES)}, got {mode!r}")
+        custom = [float(layers[name]) for name in LAYERS] if mode == "custom" else None
+        return ({"mode": SCALE_MODES[mode], "custom": custom},)
+
+
+class Sampler:
+    DESCRIPTION = (
+        "KSampler plus a control report: a heat map of mean |residual| per layer (rows) and step (columns) for each "
+        "stacked ControlNet, so you see what each ControlNet did and when. Plain KSampler works with a stacked "
+        "MODEL too."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("latent", "control_report")
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        samplers, schedulers = patcher.sampler_choices()
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "seed": (
+                    "INT",
+                    {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True},
+                ),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "sampler_name": (samplers,),
+                "scheduler": (schedulers,),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            }
+        }
+
+    def sample(
+        self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise
+    ):
+        latent, tables = patcher.sample_with_report(
+            model,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            positive=positive,
+            negative=negative,
+            latent=latent_image,
+            denoise=denoise,
+        )
+        entries = patcher.stack_of(model).entries
+        names = [f"#{i + 1} {e.controlnet.name} (node {e.label})" for i, e in enumerate(entries)]
+        report = render_report(tables, names, [layer_names(t.shape[0]) for t in tables])
+        return {"ui": {"images": save_temp_images(report, "controlstack_report")}, "result": (latent, report)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "ControlStackLoadControlNet": LoadControlNet,
+    "ControlStackApplyHint": ApplyHint,
+    "ControlStackControlScale": ControlScale,
+    "ControlStackSampler": Sampler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ControlStackLoadControlNet": "Load ControlNet (ControlStack)",
+    "ControlStackApplyHint": "Apply ControlNet Hint (ControlStack)",
+    "ControlStackControlScale": "ControlNet Layer Scales (ControlStack)",
+    "ControlStackSampler": "KSampler + Control Report (ControlStack)",
+}

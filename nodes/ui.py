@@ -1,0 +1,82 @@
+"""What the nodes show in the frontend: the control report image and hint previews (temp PNGs)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+CELL_W, CELL_H, LABEL_W, TITLE_H = 24, 12, 56, 18
+MIN_WIDTH = 360
+
+
+def render_report(tables: list[torch.Tensor], names: list[str], layer_names: list[list[str]]) -> torch.Tensor:
+    """Heat map of mean |residual| per layer (rows) x step (columns), one block per stacked ControlNet.
+
+    One colour scale for the whole report (brightest = strongest push of any ControlNet), so blocks compare.
+    Returns a ComfyUI IMAGE (1 x H x W x 3 float).
+    """
+    peak = max((float(t.max()) for t in tables if t.numel()), default=0.0) or 1.0
+    steps = max((t.shape[1] for t in tables), default=1)
+    width = max(MIN_WIDTH, LABEL_W + steps * CELL_W + 8)
+    blocks = []
+    for table, name, layers in zip(tables, names, layer_names, strict=True):
+        block = np.full((TITLE_H + table.shape[0] * CELL_H + 6, width, 3), 24, np.uint8)
+        cv2.putText(block, name[:48], (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
+        values = (table.numpy() / peak * 255).clip(0, 255).astype(np.uint8)
+        colours = cv2.applyColorMap(values, cv2.COLORMAP_VIRIDIS)[..., ::-1]
+        cells = np.repeat(np.repeat(colours, CELL_H, axis=0), CELL_W, axis=1)
+        block[TITLE_H : TITLE_H + cells.shape[0], LABEL_W : LABEL_W + cells.shape[1]] = cells
+        for row, layer in enumerate(layers):
+            y = TITLE_H + row * CELL_H + CELL_H - 2
+            cv2.putText(block, layer, (4, y), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (190, 190, 190), 1, cv2.LINE_AA)
+        blocks.append(block)
+    if not blocks:
+        blocks = [np.full((TITLE_H + 6, width, 3), 24, np.uint8)]
+        cv2.putText(
+            blocks[0],
+            "no ControlStack ControlNet on this model",
+            (4, 13),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.4,
+            (230, 230, 230),
+            1,
+            cv2.LINE_AA,
+        )
+    image = np.concatenate(blocks, axis=0)
+    return torch.from_numpy(image.astype(np.float32) / 255.0)[None]
+
+
+def save_temp_images(images: torch.Tensor, prefix: str) -> list[dict]:
+    """Write IMAGE rows (B x H x W x C in [0,1]) as PNGs in ComfyUI's temp folder; return ui image records."""
+    import folder_paths
+
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    records = []
+    for row in images:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}.png"
+        array = (row.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+        Image.fromarray(array).save(os.path.join(folder, name), compress_level=1)
+        records.append({"filename": name, "subfolder": "", "type": "temp"})
+    return records
+
+
+def hint_preview_sender(node_id: str):
+    """A callback for the patcher: show the fitted hint (and mask) on the ApplyHint node `node_id`."""
+
+    def send(hint: torch.Tensor, mask: torch.Tensor | None) -> None:
+        from server import PromptServer
+
+        images = save_temp_images(hint[:1].movedim(1, -1), "controlstack_hint")
+        if mask is not None:
+            images += save_temp_images(mask[:1, :, :, None].expand(-1, -1, -1, 3), "controlstack_mask")
+        PromptServer.instance.send_sync("controlstack.hint_preview", {"node": node_id, "images": images})
+
+    return send
