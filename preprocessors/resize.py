@@ -12,7 +12,7 @@ the GPU), and it follows sd-webui-controlnet's ``detectmap_proc`` semantics:
   background is padded with white, an edge map on black with black).
 
 Interpolation: bicubic when both axes are upscaled (sharper, like the reference's ``INTER_CUBIC``), clamped to
-the input's value range so cubic overshoot cannot push a [0, 1] image (or an inpaint hint holding -1) out of
+the input's value range (always) so cubic overshoot cannot push a [0, 1] image (or an inpaint hint holding -1) out of
 range; anti-aliased bilinear otherwise (the torch counterpart of ``INTER_AREA``: a plain bilinear downscale
 aliases thin edge-map lines away).
 """
@@ -77,12 +77,13 @@ def _interpolate(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     # enough for 8-bit images and costs nothing next to the diffusion model.
     if orig_dtype not in (torch.float32, torch.float64):
         x = x.float()
+    lo, hi = x.amin(), x.amax()
     if height >= h and width >= w:
-        lo, hi = x.amin(), x.amax()
         y = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False)
-        y = torch.maximum(torch.minimum(y, hi), lo)
     else:
         y = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    # Clamp to the input's range: removes cubic overshoot and float error (an all-ones mask stays exactly 1).
+    y = torch.maximum(torch.minimum(y, hi), lo)
     return y.to(orig_dtype)
 
 
