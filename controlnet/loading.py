@@ -86,9 +86,16 @@ def _read_pickle(path: Path, name: str) -> _Tensors:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        # The weights-only unpickler names the callable a malicious file asks for ("Unsupported global");
+        # anything else it rejects is just not a pickle.
+        detail = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), None)
+        if detail is None:
+            raise ControlNetError(
+                f"{name}: corrupt or not a checkpoint ({str(e).splitlines()[0][:200]})"
+            ) from e
         raise ControlNetError(
-            f"{name}: refused to unpickle, the file wants to run code or build non-tensor objects "
-            f"(weights-only loading; convert it to .safetensors if you trust it): {str(e).splitlines()[0]}"
+            f"{name}: refused to unpickle: the file asks to run code or build non-tensor objects ({detail}); "
+            "only weights are loaded from pickles. Convert it to .safetensors if you trust it."
         ) from e
     except Exception as e:  # truncated zip, garbage bytes, ...
         raise ControlNetError(f"{name}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
@@ -152,7 +159,7 @@ def load_controlnet(
     config = config_from_shapes({k: t.shapes[src] for k, src in keymap.items()}, t.name)
     dtype = dtype or _target_dtype({src: t.dtypes[src] for src in keymap.values()})
     device = torch.device(device or "cpu")
-    label = Path(t.name).stem if not isinstance(source, Mapping) or name else "ControlNet"
+    label = Path(t.name).name if not isinstance(source, Mapping) or name else "ControlNet"
     log.info("loading %s: %s layout, family %s, %s", t.name, layout, config.family, dtype)
 
     base = None

@@ -258,7 +258,9 @@ class ControlNet(nn.Module):
         """
         c = self.config.hint_channels
         if hint.ndim != 4 or hint.shape[1] != c:
-            raise self._bad(f"hint must be B x {c} x H x W, got shape {tuple(hint.shape)}")
+            raise self._bad(
+                f"hint must have {c} channels (B x {c} x H x W, RGB in [0, 1]), got shape {tuple(hint.shape)}"
+            )
         if hint.shape[2] % 8 or hint.shape[3] % 8:
             raise self._bad(f"hint height and width must be multiples of 8, got {tuple(hint.shape[2:])}")
         return self.input_hint_block(hint.to(self.dtype), None, None)
