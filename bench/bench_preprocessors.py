@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--reps", type=int, default=None, help="repetitions per timing (median reported)")
     parser.add_argument("--only", nargs="*", default=None, help="subset of preprocessor names")
+    parser.add_argument("--no-resize", action="store_true", help="skip the fit_image table")
     args = parser.parse_args()
     if args.quick:
         args.frames, args.size = 4, 128
@@ -134,6 +135,32 @@ def main() -> None:
         print(
             f"| inpaint (torch) | - | {t_node:.2f} | {t_batch:.1f} | {t_loop:.1f} | {t_loop / t_batch:.2f}x |"
         )
+
+    if not args.no_resize:
+        bench_resize(batch, reps_batch)
+
+
+def bench_resize(batch: torch.Tensor, reps: int) -> None:
+    """fit_image on the whole batch (to 1.5x the size, 3:4 portrait) per mode, on the CPU and, if present, CUDA."""
+    h = batch.shape[1]
+    th, tw = (3 * h) // 2, (9 * h) // 8
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(
+        f"\n| fit_image {tuple(batch.shape)} -> {th}x{tw} | " + " | ".join(f"{d} ms" for d in devices) + " |"
+    )
+    print("|---|" + "---:|" * len(devices))
+    for mode in P.RESIZE_MODES:
+        cells = []
+        for dev in devices:
+            x = batch.to(dev)
+
+            def run(x=x, mode=mode, dev=dev):
+                P.fit_image(x, tw, th, mode)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+
+            cells.append(f"{median_ms(run, reps):.1f}")
+        print(f"| {mode} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,16 @@ class ControlStackInpaintPreprocessor:
         resize_mode: str = "crop and resize",
     ) -> tuple[torch.Tensor]:
         return (
-            run_inpaint(image, mask, resolution, pixel_perfect, target_width, target_height, resize_mode),
+            run_inpaint(
+                image,
+                mask,
+                resolution,
+                pixel_perfect,
+                target_width,
+                target_height,
+                resize_mode,
+                progress=_progress(len(image)),
+            ),
         )
 
 
