@@ -49,16 +49,15 @@ class HostControlNet:
         return self.module.family
 
 
-def load_host_controlnet(path: str) -> HostControlNet:
-    """Load a ControlNet file for the host: in the dtype the host picks for UNets, on the offload device."""
-    name = os.path.basename(path)
+def load_host_controlnet(source, name: str | None = None) -> HostControlNet:
+    """Load a ControlNet (file path or state dict) for the host: in the dtype the host picks for UNets, on the
+    offload device; the host's model management moves it to the GPU while sampling."""
+    name = name or os.path.basename(str(source))
     params = 361_279_120  # an SD1.5 ControlNet; only steers the host's dtype choice
     dtype = comfy.model_management.unet_dtype(
         model_params=params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]
     )
-    module = load_controlnet(
-        path, dtype=dtype, device=comfy.model_management.unet_offload_device(), name=name
-    )
+    module = load_controlnet(source, dtype=dtype, device=comfy.model_management.unet_offload_device(), name=name)
     module.eval().requires_grad_(False)
     patcher = comfy.model_patcher.ModelPatcher(
         module,
