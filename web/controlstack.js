@@ -75,14 +75,32 @@ function chartGeometry(node, chart) {
   const plotBottom = top + CHART_HEIGHT - CHART_PAD_BOTTOM;
   const slot = (x1 - x0) / Math.max(1, layers.length);
   const [min, max] = valueRange(layers[0]);
+  const values = effectiveValues(node, layers);
   const yOf = (v) => plotBottom - ((Math.min(max, Math.max(min, v)) - min) / (max - min)) * (plotBottom - plotTop);
   const vOf = (y) => min + ((plotBottom - y) / (plotBottom - plotTop)) * (max - min);
   const bars = layers.map((w, i) => {
     const left = x0 + i * slot + slot * 0.15;
     const right = x0 + (i + 1) * slot - slot * 0.15;
-    return { name: w.name, left, right, cx: (left + right) / 2, top: yOf(Number(w.value)), bottom: plotBottom };
+    return { name: w.name, left, right, cx: (left + right) / 2, top: yOf(values[i]), bottom: plotBottom, value: values[i] };
   });
   return { top, x0, x1, plotTop, plotBottom, slot, min, max, yOf, vOf, bars, layers };
+}
+
+/**
+ * What the node will use: the preset's values in a preset mode (the node reads in_00..middle only in "custom"),
+ * the widgets' values in "custom".
+ */
+function effectiveValues(node, layers = layerWidgets(node)) {
+  const preset = presetValues(modeWidget(node)?.value, layers.length);
+  return preset ?? layers.map((w) => Number(w.value));
+}
+
+/** Leaving a preset for "custom": the layer widgets take the preset's values first (except `keep`). */
+function adoptPreset(node, keep = null) {
+  const layers = layerWidgets(node);
+  const preset = presetValues(modeWidget(node)?.value, layers.length);
+  if (preset) layers.forEach((w, i) => w !== keep && setLayerValue(node, w, preset[i]));
+  setMode(node, MODE_CUSTOM);
 }
 
 function setLayerValue(node, widget, value, { snap = false } = {}) {
@@ -175,7 +193,7 @@ function drawChart(ctx, node, width, y) {
   let label = `layer scales · ${mode ?? ""}`;
   if (mode === MODE_CONTROL) label = "ControlNet is more important: cond only, uncond ×0";
   if (chart.dragIndex != null) {
-    const b = g.layers[chart.dragIndex];
+    const b = g.bars[chart.dragIndex];
     if (b) label = `${b.name} = ${Number(b.value).toFixed(2)}`;
   }
   ctx.fillText(label, g.x0 + 4, g.top + 11, g.x1 - g.x0 - 8);
@@ -191,6 +209,7 @@ function chartMouse(event, pos, node) {
   if (type === "pointerdown" || type === "mousedown") {
     if (x < g.x0 || x > g.x1 || y < g.plotTop - 6 || y > g.plotBottom + 2) return false;
     chart.dragIndex = indexAt(x);
+    if (modeWidget(node)?.value !== MODE_CUSTOM) adoptPreset(node); // dragging switches to custom
   } else if (type === "pointermove" || type === "mousemove") {
     if (chart.dragIndex == null) return false;
     if (event.buttons === 0) {
@@ -204,9 +223,7 @@ function chartMouse(event, pos, node) {
     return false;
   }
   const widget = g.layers[chart.dragIndex];
-  if (widget && setLayerValue(node, widget, g.vOf(y), { snap: true })) {
-    if (!matchesPreset(node)) setMode(node, MODE_CUSTOM);
-  }
+  if (widget) setLayerValue(node, widget, g.vOf(y), { snap: true });
   if (type === "pointerup" || type === "mouseup") {
     chart.dragIndex = null;
     markChanged(node);
@@ -234,7 +251,9 @@ function setupScaleNode(node) {
     w.__csOrigCallback = w.callback;
     w.callback = function (value, canvas, ...rest) {
       const r = w.__csOrigCallback?.call(this, value, canvas, ...rest);
-      if (canvas !== undefined && !matchesPreset(node)) setMode(node, MODE_CUSTOM);
+      if (canvas !== undefined && modeWidget(node)?.value !== MODE_CUSTOM && !matchesPreset(node)) {
+        adoptPreset(node, w);
+      }
       node.graph?.setDirtyCanvas(true, true);
       return r;
     };
@@ -257,7 +276,10 @@ function setupScaleNode(node) {
     },
     geometry() {
       const g = chartGeometry(node, chart);
-      return { top: g.top, plotTop: g.plotTop, plotBottom: g.plotBottom, min: g.min, max: g.max, bars: g.bars };
+      return {
+        top: g.top, plotTop: g.plotTop, plotBottom: g.plotBottom, min: g.min, max: g.max, bars: g.bars,
+        values: g.bars.map((b) => b.value),
+      };
     },
   };
   node.addCustomWidget(chart);

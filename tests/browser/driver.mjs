@@ -9,6 +9,7 @@
 //     "run": true,                             // queue each workflow from the UI (Run button) and wait
 //     "run_timeout_s": 300,                    // per workflow
 //     "png_roundtrip": true,                   // drop the first output PNG back in, compare graphToPrompt()
+//     "skip_run": ["name"],                    // load and compare these, but do not queue them
 //     "drag": true                             // drag a bar of the layer-scale widget with the mouse
 //   }
 // Output (stdout, one JSON object): startup info and one record per workflow with the numbers pytest asserts on.
@@ -273,11 +274,18 @@ async function queueFromUi(page, base, timeoutS) {
   }
   const deadline = Date.now() + timeoutS * 1000;
   let entry = null;
-  while (Date.now() < deadline) {
-    const h = await fetchJson(`${base}/api/history/${promptId}`).catch(() => ({}));
-    entry = h[promptId];
-    if (entry?.status?.completed || entry?.status?.status_str === "error") break;
-    await sleep(500);
+  // Software-rendered canvas frames cost CPU the 2-core host needs for sampling: pause drawing while we wait
+  // (events still arrive and update the stores; the first frame after resuming draws the results).
+  await page.evaluate(() => (window.app.canvas.pause_rendering = true));
+  try {
+    while (Date.now() < deadline) {
+      const h = await fetchJson(`${base}/api/history/${promptId}`).catch(() => ({}));
+      entry = h[promptId];
+      if (entry?.status?.completed || entry?.status?.status_str === "error") break;
+      await sleep(500);
+    }
+  } finally {
+    await page.evaluate(() => (window.app.canvas.pause_rendering = false)).catch(() => {});
   }
   res.run_ms = Date.now() - t0;
   res.completed = !!entry?.status?.completed;
@@ -489,7 +497,8 @@ async function main() {
           rec.api_diffs = comparePrompts(got, api, await widgetRounds(page));
         }
         await closeDialogs(page);
-        if (job.run && rec.loaded) {
+        rec.queued = !!(job.run && rec.loaded && !(job.skip_run ?? []).includes(wf.name));
+        if (rec.queued) {
           const before = await promptOutput(page);
           const mark = errs.console.length;
           const pmark = errs.page.length;
