@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .common import check_image, check_threshold
+from .common import channel_min, check_image, check_threshold
 
 __all__ = ["threshold", "binary", "invert", "BINARY_MODES"]
 
@@ -24,8 +24,9 @@ def threshold(image: np.ndarray, threshold: float = 127) -> np.ndarray:
     """
     image = check_image(image)
     thr = check_threshold("threshold", threshold, 0, 255)
-    bright = image.min(axis=2) > thr
-    return cv2.cvtColor(bright.astype(np.uint8) * 255, cv2.COLOR_GRAY2RGB)
+    # THRESH_BINARY is exactly "> thr -> 255, else 0", in one vectorised pass.
+    _, out = cv2.threshold(channel_min(image), thr, 255, cv2.THRESH_BINARY)
+    return cv2.cvtColor(out, cv2.COLOR_GRAY2RGB)
 
 
 def binary(image: np.ndarray, mode: str = "otsu", threshold: float = 127) -> np.ndarray:

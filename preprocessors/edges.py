@@ -9,7 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .common import check_image, check_threshold
+from .common import channel_min, check_image, check_threshold
 
 __all__ = ["canny", "lineart_standard", "scribble", "CANNY_MAX_THRESHOLD"]
 
@@ -53,11 +53,13 @@ def lineart_standard(
     thr = check_threshold("intensity_threshold", intensity_threshold, 0, 255)
     x = image.astype(np.float32)
     g = cv2.GaussianBlur(x, (0, 0), sigma)
-    intensity = np.min(g - x, axis=2).clip(0, 255)
+    intensity = channel_min(cv2.subtract(g, x)).clip(0, 255)
     strong = intensity[intensity > thr]
     # A flat image has no strong responses; the reference would take the median of nothing (NaN).
     scale = max(16.0, float(np.median(strong))) if strong.size else 16.0
-    intensity *= 127.0 / scale
+    # Divide, then multiply, in float32 like the reference, so the result is bit-identical to it.
+    intensity /= np.float64(scale)
+    intensity *= 127
     return _gray_to_rgb(intensity.clip(0, 255).astype(np.uint8))
 
 
@@ -73,6 +75,6 @@ def scribble(image: np.ndarray, threshold: float = 32) -> np.ndarray:
     g1 = cv2.GaussianBlur(x, (0, 0), 0.5)
     g2 = cv2.GaussianBlur(x, (0, 0), 5.0)
     # Reference: dog = uint8(clip(255 - min(g2 - g1))); stroke where 2 * (255 - dog) > thr.
-    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    dog = (255 - channel_min(cv2.subtract(g2, g1))).clip(0, 255).astype(np.uint8)
     mask = 2 * (255 - dog.astype(np.int32)) > thr
     return _gray_to_rgb(mask.astype(np.uint8) * 255)

@@ -361,3 +361,30 @@ def test_run_inpaint():
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="images"):
         P.run_inpaint(bad, mask, 200)
+
+
+# ---------------------------------------------------------------- the reference formulas, written plainly
+
+
+def test_lineart_standard_equals_the_reference_formula(photo):
+    x = photo.astype(np.float32)
+    g = cv2.GaussianBlur(x, (0, 0), 6.0)
+    intensity = np.min(g - x, axis=2).clip(0, 255)
+    intensity /= max(16, np.median(intensity[intensity > 8]))
+    intensity *= 127
+    ref = intensity.clip(0, 255).astype(np.uint8)
+    assert np.array_equal(P.lineart_standard(photo)[:, :, 0], ref)
+
+
+def test_scribble_equals_the_reference_formula(photo):
+    x = photo.astype(np.float32)
+    g1, g2 = cv2.GaussianBlur(x, (0, 0), 0.5), cv2.GaussianBlur(x, (0, 0), 5.0)
+    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    ref = np.where(2 * (255 - dog.astype(np.int32)) > 32, 255, 0)
+    assert np.array_equal(P.scribble(photo, 32)[:, :, 0], ref)
+
+
+def test_threshold_equals_the_reference_formula(photo):
+    ref = np.where(photo.min(axis=2) > 127, 255, 0)
+    assert np.array_equal(P.threshold(photo, 127)[:, :, 0], ref)
+    assert np.array_equal(P.threshold(photo, 126.5)[:, :, 0], np.where(photo.min(axis=2) > 126.5, 255, 0))
