@@ -49,13 +49,22 @@ async function convertInPage(api, name) {
     for (const w of n.widgets ?? []) if (w.name === "control_after_generate") w.value = "fixed";
   }
 
-  // Depth = longest path from a source node.
+  // Depth = longest path from a source node; a source (loader, image, scales ...) then moves right to sit one
+  // column before its nearest consumer, so hints and scales stand next to the node that uses them.
   const depth = new Map();
+  const linkOf = (id) => graph.links[id] ?? graph.links.get?.(id);
   const upstream = (n) =>
     (n.inputs ?? [])
-      .map((inp) => (inp.link != null ? graph.links[inp.link] ?? graph.links.get?.(inp.link) : null))
+      .map((inp) => (inp.link != null ? linkOf(inp.link) : null))
       .filter(Boolean)
       .map((l) => graph.getNodeById(l.origin_id))
+      .filter(Boolean);
+  const downstream = (n) =>
+    (n.outputs ?? [])
+      .flatMap((o) => o.links ?? [])
+      .map((id) => linkOf(id))
+      .filter(Boolean)
+      .map((l) => graph.getNodeById(l.target_id))
       .filter(Boolean);
   const visit = (n, stack = new Set()) => {
     if (depth.has(n.id)) return depth.get(n.id);
@@ -66,6 +75,17 @@ async function convertInPage(api, name) {
     return d;
   };
   nodes.forEach((n) => visit(n));
+  for (const n of nodes) {
+    const outs = downstream(n);
+    if (upstream(n).length === 0 && outs.length) depth.set(n.id, Math.min(...outs.map((o) => depth.get(o.id))) - 1);
+  }
+  const minDepth = Math.min(...depth.values());
+  for (const [id, d] of depth) depth.set(id, d - minDepth);
+
+  // Image loaders grow once their picture arrives: give them that room now.
+  for (const n of nodes) {
+    if (n.type === "LoadImage") n.setSize([Math.max(n.size[0], 315), Math.max(n.size[1], 320)]);
+  }
 
   // Columns left to right; in a column, nodes in id order, stacked with gaps.
   const T = LiteGraph.NODE_TITLE_HEIGHT ?? 30;

@@ -40,7 +40,7 @@ export async function launch({ executablePath = process.env.CHROMIUM || "/usr/bi
     executablePath,
     headless: true,
     args: CHROMIUM_FLAGS,
-    viewport: viewport ?? { width: 1600, height: 1000 },
+    viewport: viewport ?? { width: 1920, height: 1200 },
     acceptDownloads: false,
   });
   const blocked = [];
@@ -104,5 +104,13 @@ export async function openApp(context, url, { timeoutMs = 90_000 } = {}) {
   await page
     .waitForFunction(() => !!window.ControlStackWeb, null, { timeout: 30_000, polling: 250 })
     .catch(() => {});
+  // Screenshots of whole graphs are taken zoomed out: keep text drawn at every zoom (no level-of-detail cut).
+  await page.evaluate(() => {
+    try {
+      window.app.canvas.min_font_size_for_lod = 0;
+    } catch {
+      /* older frontends */
+    }
+  });
   return { page, consoleErrors, pageErrors };
 }

@@ -92,7 +92,9 @@ async function fitView(page) {
       x1 = Math.max(x1, n.pos[0] + n.size[0]);
       y1 = Math.max(y1, n.pos[1] + n.size[1]);
     }
-    window.app.canvas.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: 0.9 });
+    const ds = window.app.canvas.ds;
+    ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], { zoom: 0.85 });
+    ds.offset[1] += 50 / ds.scale; // clear the top bar and tabs that overlay the canvas
     window.app.graph.setDirtyCanvas(true, true);
   });
   await sleep(250);
