@@ -473,9 +473,12 @@ class ComfyServer:
         execution_error message, or HostError on timeout / server death (with the log's tail)."""
         deadline = time.monotonic() + timeout
         while True:
-            r = self._session.get(f"{self.url}/history/{prompt_id}", timeout=30)
-            r.raise_for_status()
-            entry = r.json().get(prompt_id)
+            try:
+                r = self._session.get(f"{self.url}/history/{prompt_id}", timeout=60)
+                r.raise_for_status()
+                entry = r.json().get(prompt_id)
+            except (requests.Timeout, requests.ConnectionError):
+                entry = None  # a busy server (loading weights on a loaded CPU) can be slow to answer
             status = (entry or {}).get("status") or {}
             if (
                 entry
