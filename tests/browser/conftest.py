@@ -27,7 +27,7 @@ REPO = host.REPO
 ARTIFACTS = REPO / ".artifacts" / "browser"
 DRIVER = BROWSER_DIR / "driver.mjs"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
-DRIVER_TIMEOUT_S = 1200
+DRIVER_TIMEOUT_S = 1500
 
 
 def _playwright_available() -> bool:
@@ -131,7 +131,7 @@ def browser_run(browser_server: host.ComfyServer) -> dict[str, Any]:
         "workflows": workflows,
         "run": True,
         "skip_run": sorted(skipped),
-        "run_timeout_s": 300,
+        "run_timeout_s": 420,
         "png_roundtrip": True,
         "drag": True,
     }

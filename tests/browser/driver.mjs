@@ -252,8 +252,8 @@ async function promptOutput(page) {
   return page.evaluate(async () => (await window.app.graphToPrompt()).output);
 }
 
-async function fetchJson(url) {
-  const r = await fetch(url);
+async function fetchJson(url, timeoutMs = 15_000) {
+  const r = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
   if (!r.ok) throw new Error(`${url}: HTTP ${r.status}`);
   return r.json();
 }
@@ -341,7 +341,7 @@ async function nodeImages(page, timeoutMs = 15_000) {
 async function pngRoundtrip(page, base, image, before, artifactDir, name) {
   const t0 = Date.now();
   const q = new URLSearchParams({ filename: image.filename, subfolder: image.subfolder ?? "", type: image.type });
-  const r = await fetch(`${base}/api/view?${q}`);
+  const r = await fetch(`${base}/api/view?${q}`, { signal: AbortSignal.timeout(60_000) });
   const bytes = Buffer.from(await r.arrayBuffer());
   writeFileSync(join(artifactDir, `${name}-output.png`), bytes);
   await dropFile(page, image.filename, bytes, "image/png");

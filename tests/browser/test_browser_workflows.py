@@ -23,10 +23,12 @@ OUR_NODES = {
 }
 
 
-def record(browser_run: dict[str, Any], name: str) -> dict[str, Any]:
+def record(browser_run: dict[str, Any], name: str, *, clean: bool = True) -> dict[str, Any]:
+    """The driver's record of one workflow; with ``clean``, fail on a driver error anywhere in it."""
     for rec in browser_run["workflows"]:
         if rec["name"] == name:
-            assert "error" not in rec, f"driver error on {name}:\n{rec['error']}"
+            if clean:
+                assert "error" not in rec, f"driver error on {name}:\n{rec['error']}"
             return rec
     raise AssertionError(f"no driver record for {name}")
 
@@ -52,8 +54,8 @@ def test_frontend_and_extension_start(browser_run: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_loads_by_drop(browser_run: dict[str, Any], name: str) -> None:
-    rec = record(browser_run, name)
-    assert rec["loaded"], f"{name}: graph not replaced after the drop event"
+    rec = record(browser_run, name, clean=False)  # a later failure (the run) is the run test's business
+    assert rec.get("loaded"), f"{name}: graph not replaced after the drop event {rec.get('error', '')}"
     assert rec["missing_node_types"] == []
     assert rec["dialogs"] == [], rec["dialogs"]
     assert rec["console_errors"] == []
@@ -63,7 +65,7 @@ def test_workflow_loads_by_drop(browser_run: dict[str, Any], name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_matches_api_twin(browser_run: dict[str, Any], name: str) -> None:
-    rec = record(browser_run, name)
+    rec = record(browser_run, name, clean=False)
     assert rec.get("api_diffs") == [], (
         "graphToPrompt() of the UI file differs from its API twin:\n"
         + "\n".join(rec.get("api_diffs") or ["(no API twin compared)"])
