@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,11 +69,15 @@ def browser_server(request: pytest.FixtureRequest) -> Iterator[host.ComfyServer]
     if comfy_dir == host.DEFAULT_COMFY_DIR:
         host.install_host(comfy_dir)
     host.build_models(host.resolve_base_dir(), comfy_dir=comfy_dir)
-    server = host.ComfyServer()
+    # Own temp folder: ComfyUI deletes its temp folder when it starts and stops, so another server on the same
+    # base directory (host tests running at the same time) would delete our hint previews and control reports.
+    temp_root = Path(tempfile.mkdtemp(prefix="cs-browser-temp-"))
+    server = host.ComfyServer(extra_args=["--temp-directory", str(temp_root)])
     try:
         server.start(timeout=180)
     except host.HostError:
         _dump_log(server, "startup")
+        shutil.rmtree(temp_root, ignore_errors=True)
         raise
     failed_before = request.session.testsfailed
     try:
@@ -80,6 +85,7 @@ def browser_server(request: pytest.FixtureRequest) -> Iterator[host.ComfyServer]
         yield server
     finally:
         server.stop()
+        shutil.rmtree(temp_root, ignore_errors=True)
         if request.session.testsfailed > failed_before:
             _dump_log(server, "browser")
 
