@@ -138,8 +138,7 @@ class Timer:
     """Host-side time spent in ControlStack's stack per call (CPU wall, no device sync)."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
-        self.calls = 0
+        self.durations: list[float] = []
 
     def install(self):
         from controlstack.controlnet.stack import ResidualStack
@@ -150,8 +149,7 @@ class Timer:
         def timed(self, *args, **kwargs):
             t0 = time.perf_counter()
             out = original(self, *args, **kwargs)
-            timer.seconds += time.perf_counter() - t0
-            timer.calls += 1
+            timer.durations.append(time.perf_counter() - t0)
             return out
 
         ResidualStack.residuals = timed
@@ -240,10 +238,11 @@ def bench_family(comfy, family, size, steps, counts, repeats, device, rows):
                 from controlstack.controlnet.stack import ResidualStack
 
                 ResidualStack.residuals = original
-            calls = max(timer.calls, 1)
+            # median over calls = the steady state (each run's first call warms up and its second captures)
+            host_ms = statistics.median(timer.durations) * 1e3 if timer.durations else float("nan")
             err = rel_err(out, ref)
             row = {"case": label, "variant": name, "n": n, "ms": s * 1e3, "ratio": s / base_s, "peak_gib": peak,
-                   "host_ms_per_cn": timer.seconds / calls / n * 1e3, "rel_err_vs_builtin": err}  # fmt: skip
+                   "host_ms_per_cn": host_ms / n, "rel_err_vs_builtin": err}  # fmt: skip
             if eager_out is None:
                 eager_out = out
             else:
