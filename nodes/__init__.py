@@ -2,14 +2,8 @@
 
 from .controlnet_nodes import NODE_CLASS_MAPPINGS as _CONTROLNET_NODES
 from .controlnet_nodes import NODE_DISPLAY_NAME_MAPPINGS as _CONTROLNET_NAMES
+from .preprocessor_nodes import NODE_CLASS_MAPPINGS as _PREPROCESSOR_NODES
+from .preprocessor_nodes import NODE_DISPLAY_NAME_MAPPINGS as _PREPROCESSOR_NAMES
 
-NODE_CLASS_MAPPINGS: dict = {**_CONTROLNET_NODES}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {**_CONTROLNET_NAMES}
-
-try:  # the preprocessor nodes land separately; the pack must load without them
-    from .preprocessor_nodes import NODE_CLASS_MAPPINGS as _PRE_NODES
-    from .preprocessor_nodes import NODE_DISPLAY_NAME_MAPPINGS as _PRE_NAMES
-except ImportError:  # pragma: no cover
-    _PRE_NODES, _PRE_NAMES = {}, {}
-NODE_CLASS_MAPPINGS.update(_PRE_NODES)
-NODE_DISPLAY_NAME_MAPPINGS.update(_PRE_NAMES)
+NODE_CLASS_MAPPINGS: dict = {**_CONTROLNET_NODES, **_PREPROCESSOR_NODES}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {**_CONTROLNET_NAMES, **_PREPROCESSOR_NAMES}

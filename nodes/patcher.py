@@ -57,7 +57,9 @@ def load_host_controlnet(source, name: str | None = None) -> HostControlNet:
     dtype = comfy.model_management.unet_dtype(
         model_params=params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]
     )
-    module = load_controlnet(source, dtype=dtype, device=comfy.model_management.unet_offload_device(), name=name)
+    module = load_controlnet(
+        source, dtype=dtype, device=comfy.model_management.unet_offload_device(), name=name
+    )
     module.eval().requires_grad_(False)
     patcher = comfy.model_patcher.ModelPatcher(
         module,

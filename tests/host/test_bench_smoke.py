@@ -1,0 +1,38 @@
+"""The benchmarks run in their CPU smoke modes (numbers are printed, never asserted on time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_controlnet_bench_tiny_runs_and_agrees_with_builtin(tmp_path, host_models):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_controlnet.py"), "--tiny", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| sd1 64^2" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    ours = [r for r in rows if r["variant"].startswith("ControlStack")]
+    assert {r["n"] for r in ours} == {1, 2}
+    for r in ours:  # fp32 on the CPU: the stack equals ComfyUI's built-in path
+        assert r["rel_err_vs_builtin"] <= 1e-4, r
+
+
+def test_preprocessor_bench_quick_runs():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_preprocessors.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "canny" in proc.stdout
