@@ -65,7 +65,7 @@ def _common_inputs() -> dict:
             "INT",
             {
                 "default": 512,
-                "min": 1,
+                "min": 8,  # the frontend snaps to min + k * step: min 1 would turn 128 into 129
                 "max": MAX_SIZE,
                 "step": 8,
                 "tooltip": "Generation width (pixel_perfect).",
@@ -75,7 +75,7 @@ def _common_inputs() -> dict:
             "INT",
             {
                 "default": 512,
-                "min": 1,
+                "min": 8,  # the frontend snaps to min + k * step: min 1 would turn 128 into 129
                 "max": MAX_SIZE,
                 "step": 8,
                 "tooltip": "Generation height (pixel_perfect).",

@@ -22,11 +22,12 @@ def render_report(tables: list[torch.Tensor], names: list[str], layer_names: lis
     """
     peak = max((float(t.max()) for t in tables if t.numel()), default=0.0) or 1.0
     steps = max((t.shape[1] for t in tables), default=1)
-    width = max(MIN_WIDTH, LABEL_W + steps * CELL_W + 8)
+    title_w = max((cv2.getTextSize(n, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)[0][0] for n in names), default=0)
+    width = max(MIN_WIDTH, LABEL_W + steps * CELL_W + 8, title_w + 8)
     blocks = []
     for table, name, layers in zip(tables, names, layer_names, strict=True):
         block = np.full((TITLE_H + table.shape[0] * CELL_H + 6, width, 3), 24, np.uint8)
-        cv2.putText(block, name[:48], (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
+        cv2.putText(block, name, (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (230, 230, 230), 1, cv2.LINE_AA)
         values = (table.numpy() / peak * 255).clip(0, 255).astype(np.uint8)
         colours = cv2.applyColorMap(values, cv2.COLORMAP_VIRIDIS)[..., ::-1]
         cells = np.repeat(np.repeat(colours, CELL_H, axis=0), CELL_W, axis=1)
