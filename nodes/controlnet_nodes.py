@@ -28,7 +28,8 @@ def layer_names(num_residuals: int) -> list[str]:
 class LoadControlNet:
     DESCRIPTION = (
         "Load a ControlNet from the controlnet models folder: SD1.x, SD2.x or SDXL; original, diffusers or "
-        "'difference' layouts; .safetensors, .pth, .ckpt or .bin. Pickles never run code."
+        "'difference' layouts (connect the base model for those); .safetensors, .pth, .ckpt or .bin. Pickles "
+        "never run code."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CS_CONTROLNET",)
@@ -45,16 +46,24 @@ class LoadControlNet:
                         "tooltip": "A ControlNet file in ComfyUI's models/controlnet folder (or an extra model path)."
                     },
                 )
-            }
+            },
+            "optional": {
+                "model": (
+                    "MODEL",
+                    {
+                        "tooltip": "The base model: needed only for 'difference' ControlNets (ControlNet - base UNet)."
+                    },
+                )
+            },
         }
 
-    def load(self, control_net_name: str):
+    def load(self, control_net_name: str, model=None):
         path = folder_paths.get_full_path("controlnet", control_net_name)
         if path is None:
             raise ControlNetError(
                 f"control_net_name: '{control_net_name}' is not in the controlnet models folder"
             )
-        return (patcher.load_host_controlnet(path),)
+        return (patcher.load_host_controlnet(path, base_model=model),)
 
 
 class ApplyHint:

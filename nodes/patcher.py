@@ -49,16 +49,24 @@ class HostControlNet:
         return self.module.family
 
 
-def load_host_controlnet(source, name: str | None = None) -> HostControlNet:
+def load_host_controlnet(source, name: str | None = None, base_model=None) -> HostControlNet:
     """Load a ControlNet (file path or state dict) for the host: in the dtype the host picks for UNets, on the
-    offload device; the host's model management moves it to the GPU while sampling."""
+    offload device; the host's model management moves it to the GPU while sampling. `base_model` (a MODEL) gives
+    the base UNet weights that "difference" ControlNets need."""
     name = name or os.path.basename(str(source))
     params = 361_279_120  # an SD1.5 ControlNet; only steers the host's dtype choice
     dtype = comfy.model_management.unet_dtype(
         model_params=params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]
     )
+    base_unet = None
+    if base_model is not None:
+        base_unet = base_model.model_state_dict(filter_prefix="diffusion_model.")
     module = load_controlnet(
-        source, dtype=dtype, device=comfy.model_management.unet_offload_device(), name=name
+        source,
+        dtype=dtype,
+        device=comfy.model_management.unet_offload_device(),
+        name=name,
+        base_unet=base_unet,
     )
     module.eval().requires_grad_(False)
     patcher = comfy.model_patcher.ModelPatcher(
