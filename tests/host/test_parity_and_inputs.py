@@ -162,7 +162,7 @@ def test_one_hint_per_latent_equals_shared_hint(comfy_server, files):
     model = add_controlstack(g, "7", "controlstack_random_sd15_canny.safetensors", ["6", 0], ["1", 0])
     shared = run_latent(comfy_server, set_sampler(g, model=model))
     assert per_latent.shape == (2, 4, 8, 8)
-    assert rel_err(per_latent, shared) < 1e-6
+    assert rel_err(per_latent, shared) < 1e-5  # same numbers up to fp32 rounding (other conv layouts)
 
 
 @pytest.mark.parametrize("variant", ["odd size 100x60", "grayscale", "rgba"])
