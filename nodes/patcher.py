@@ -58,6 +58,10 @@ def load_host_controlnet(source, name: str | None = None, base_model=None) -> Ho
     dtype = comfy.model_management.unet_dtype(
         model_params=params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]
     )
+    # Where the host stores UNet weights in a dtype the device cannot compute in (fp16 on a CPU), it casts per
+    # layer; our ControlNet has no per-layer casting, so it is loaded in the compute dtype instead.
+    compute_dtype = comfy.model_management.unet_manual_cast(dtype, comfy.model_management.get_torch_device())
+    dtype = compute_dtype or dtype
     base_unet = None
     if base_model is not None:
         base_unet = base_model.model_state_dict(filter_prefix="diffusion_model.")

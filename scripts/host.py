@@ -270,6 +270,32 @@ def build_models(
     return paths
 
 
+SDXL_BASE_DIR = REPO / ".host" / "base_sdxl"
+SDXL_SERVER_ARGS = ("--fp16-unet",)
+"""SDXL on a CPU host: UNet weights stored fp16 and cast per layer (fp32 compute), or the full-size SDXL
+checkpoint + ControlNet would need ~20 GB of RAM."""
+
+
+def build_sdxl_models(
+    base_dir: Path = SDXL_BASE_DIR, *, comfy_dir: Path | None = None, python: str | None = None
+) -> Path:
+    """Write the seeded random full-size SDXL checkpoint and SDXL ControlNet (~9.4 GB, ~40 s) into their own base
+    directory, so SD1.5 hosts never see (and never load) them. Idempotent. Returns the base directory."""
+    base_dir = prepare_base(base_dir)
+    comfy_dir = resolve_comfy_dir(comfy_dir)
+    cmd = [
+        resolve_python(python),
+        str(REPO / "scripts" / "make_random_models.py"),
+        "--comfy-dir",
+        str(comfy_dir),
+        "--models-dir",
+        str(base_dir / "models"),
+        "--sdxl",
+    ]
+    _run(cmd, "build random SDXL models", cwd=str(comfy_dir))
+    return base_dir
+
+
 def _random_model_ok(path: Path, seed: int) -> bool:
     """Read the safetensors header (stdlib only): our metadata with this seed means a complete build."""
     try:

@@ -105,6 +105,47 @@ def checkpoint_shapes(comfy_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+SDXL_CHECKPOINT_NAME = "controlstack_random_sdxl.safetensors"
+SDXL_CONTROLNET_NAME = "controlstack_random_sdxl_canny.safetensors"
+SDXL_SEEDS = (100, 101)
+
+
+def sdxl_checkpoint_shapes(comfy_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of an original-layout SDXL single-file checkpoint (UNet, CLIP-L + OpenCLIP-G, VAE), from
+    ComfyUI's own classes on ``meta`` and its own save-time key conversion."""
+    _import_comfy(comfy_dir)
+    import comfy.ops
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_controlnet import SDXL_UNET
+
+    ops = comfy.ops.disable_weight_init
+    meta = torch.device("meta")
+    config = comfy.supported_models.SDXL(dict(SDXL_UNET))
+    shapes: dict[str, tuple[int, ...]] = {}
+    with torch.device(meta):
+        unet = UNetModel(**SDXL_UNET, dtype=torch.float16, device=meta, operations=ops)
+        shapes.update({"model.diffusion_model." + k: tuple(v.shape) for k, v in unet.state_dict().items()})
+        vae = AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4)
+        shapes.update({"first_stage_model." + k: tuple(v.shape) for k, v in vae.state_dict().items()})
+        clip = comfy.sdxl_clip.SDXLClipModel(device=meta, dtype=torch.float16)
+        saved = config.process_clip_state_dict_for_saving(clip.state_dict())
+        shapes.update({k: tuple(v.shape) for k, v in saved.items() if not k.endswith("position_ids")})
+    return shapes
+
+
+def sdxl_controlnet_shapes() -> dict[str, tuple[int, ...]]:
+    from controlstack.controlnet import build_controlnet
+    from controlstack.controlnet.config import preset
+
+    shell = build_controlnet(preset("sdxl"), device="meta")
+    return {"control_model." + k: tuple(v.shape) for k, v in shell.state_dict().items()}
+
+
 def controlnet_shapes() -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for line in CONTROLNET_KEYS_TSV.read_text().splitlines():
@@ -173,7 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--comfy-dir", type=Path, required=True)
     p.add_argument("--models-dir", type=Path, required=True, help="ComfyUI models/ folder to write into")
     p.add_argument("--check", action="store_true", help="load the checkpoint in ComfyUI after building it")
+    p.add_argument(
+        "--sdxl", action="store_true", help="build the SDXL checkpoint + ControlNet instead (~10 GB)"
+    )
     a = p.parse_args(argv)
+    if a.sdxl:
+        t0 = time.perf_counter()
+        ckpt = a.models_dir / "checkpoints" / SDXL_CHECKPOINT_NAME
+        cn = a.models_dir / "controlnet" / SDXL_CONTROLNET_NAME
+        built = []
+        if not already_built(ckpt, SDXL_SEEDS[0]):
+            built += [str(ckpt)] * write_random(
+                ckpt, sdxl_checkpoint_shapes(a.comfy_dir), SDXL_SEEDS[0], "sdxl"
+            )
+        built += [str(cn)] * write_random(cn, sdxl_controlnet_shapes(), SDXL_SEEDS[1], "sdxl-controlnet")
+        print(json.dumps({"built": built, "build_s": round(time.perf_counter() - t0, 1)}))
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result: dict[str, object] = {"built": [], "kept": []}
     t0 = time.perf_counter()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import host
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,18 +47,28 @@ def _needs_sdxl(graph: dict) -> bool:
     )
 
 
+@pytest.fixture(scope="module")
+def sdxl_server(comfy_server):
+    """A second host for the SDXL workflow: full-size random SDXL models in their own base directory, UNet weights
+    stored fp16 (SDXL in fp32 would not fit next to the SD1.5 host in a CI machine's RAM). The SD1.5 host drops its
+    models first."""
+    requests.post(comfy_server.url + "/free", json={"unload_models": True, "free_memory": True}, timeout=60)
+    base = host.build_sdxl_models()
+    server = host.ComfyServer(base_dir=base, extra_args=host.SDXL_SERVER_ARGS)
+    server.start(timeout=300)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
-def test_workflow_runs_and_writes_images(comfy_server, path):
+def test_workflow_runs_and_writes_images(request, comfy_server, path):
     graph = json.loads(path.read_text())
-    if _needs_sdxl(graph):
-        models = Path(comfy_server.base_dir) / "models"
-        if not all(any(models.rglob(name)) for name in SDXL_MODELS):
-            pytest.skip(
-                "SDXL workflow: no SDXL checkpoint/ControlNet in this host (too large for the CPU CI)"
-            )
-    comfy_server.upload_inputs(sorted((REPO / "workflows" / "inputs").glob("*.png")))
-    entry = comfy_server.run(graph, timeout=900)
-    images = comfy_server.output_images(entry)
+    server = request.getfixturevalue("sdxl_server") if _needs_sdxl(graph) else comfy_server
+    server.upload_inputs(sorted((REPO / "workflows" / "inputs").glob("*.png")))
+    entry = server.run(graph, timeout=900)
+    images = server.output_images(entry)
     saved = [p for p in images if "output" in p.parts]
     assert saved, f"{path.name} wrote no images"
     for image in images:
