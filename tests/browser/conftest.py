@@ -49,10 +49,10 @@ def _missing_tools() -> list[str]:
     return missing
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def browser_server(request: pytest.FixtureRequest) -> Iterator[host.ComfyServer]:
     """The session's ComfyUI server if a `comfy_server` fixture is visible from here (tests/conftest.py);
-    otherwise one started for this package and stopped when the browser tests are done, so that at most one
+    otherwise one started for this module and stopped when its tests are done, so that at most one
     server runs at a time (tests/host's session server starts after this one has stopped)."""
     missing = _missing_tools()
     if missing:
@@ -116,7 +116,7 @@ def runnable(server: host.ComfyServer, api: dict[str, Any]) -> tuple[bool, str]:
     return (not missing, ", ".join(missing))
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def browser_run(browser_server: host.ComfyServer) -> dict[str, Any]:
     """Run the driver once over every UI workflow; returns its JSON result (plus `runnable` per workflow)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
