@@ -1,6 +1,6 @@
 """Reading ControlNet files: safetensors / torch pickles, any supported layout, lazily.
 
-Memory: tensors are read one at a time (safetensors ``safe_open``, ``torch.load(mmap=True)``),
+Memory: tensors are read one at a time (safetensors ``safe_open``; pickles with weights_only and mmap),
 converted to the target dtype and device, and assigned into a model built on the meta device, so
 loading needs about one copy of the weights beyond the result.
 """
