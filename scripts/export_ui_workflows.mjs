@@ -83,8 +83,12 @@ async function convertInPage(api, name) {
   for (const [id, d] of depth) depth.set(id, d - minDepth);
 
   // Image loaders grow once their picture arrives: give them that room now.
+  // So do the nodes that show an image after a run (hint preview, control report, saved/previewed images):
+  // without the room they would cover the node below them once the run is done.
+  const GROWS = new Set(["ControlStackApplyHint", "ControlStackSampler", "PreviewImage", "SaveImage"]);
   for (const n of nodes) {
     if (n.type === "LoadImage") n.setSize([Math.max(n.size[0], 315), Math.max(n.size[1], 320)]);
+    else if (GROWS.has(n.type)) n.setSize([Math.max(n.size[0], 270), n.computeSize()[1] + 240]);
   }
 
   // Columns left to right; in a column, nodes in id order, stacked with gaps.
