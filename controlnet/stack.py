@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,9 @@ class StackEntry:
     def name(self) -> str:
         return self.label or getattr(self.controlnet, "name", "") or "ControlNet"
 
+    @cached_property
     def layer_scales(self) -> tuple[float, ...]:
-        """strength x mode x custom, one multiplier per residual."""
+        """strength x mode x custom, one multiplier per residual (computed once: entries are immutable)."""
         n = self.controlnet.num_residuals
         custom = self.scales or (1.0,) * n
         return tuple(self.strength * m * c for m, c in zip(mode_scales(self.mode, n), custom, strict=True))
@@ -294,7 +296,7 @@ class ResidualStack:
             )
             self.calls += 1
             # 3. pooling, scales, masks, cond-only rows
-            scales = entry.layer_scales()
+            scales = entry.layer_scales
             row_mask = self._row_mask(x, chunks, dtype) if entry.mode == "control" else None
             applied = []
             for i, r in enumerate(res):
