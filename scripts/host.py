@@ -251,16 +251,7 @@ def build_models(
         paths[name.rsplit("_", 1)[1].split(".")[0]] = models / "controlnet" / name
     if all(_random_model_ok(path, seed) for path, seed in zip(paths.values(), MODEL_SEEDS, strict=True)):
         return paths
-    cmd = [
-        resolve_python(python),
-        str(REPO / "scripts" / "make_random_models.py"),
-        "--comfy-dir",
-        str(comfy_dir),
-        "--models-dir",
-        str(models),
-        "--check",
-    ]
-    proc = _run(cmd, "build random models", cwd=str(comfy_dir))
+    proc = _make_random_models(comfy_dir, models, python, "--check")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if result["built"]:
         log.info("built %d model file(s) in %.1f s", len(result["built"]), result["build_s"])
@@ -283,17 +274,24 @@ def build_sdxl_models(
     directory, so SD1.5 hosts never see (and never load) them. Idempotent. Returns the base directory."""
     base_dir = prepare_base(base_dir)
     comfy_dir = resolve_comfy_dir(comfy_dir)
+    _make_random_models(comfy_dir, base_dir / "models", python, "--sdxl")
+    return base_dir
+
+
+def _make_random_models(
+    comfy_dir: Path, models_dir: Path, python: str | None, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    """Run scripts/make_random_models.py with the host's python inside the ComfyUI folder."""
+    script = REPO / "scripts" / "make_random_models.py"
     cmd = [
         resolve_python(python),
-        str(REPO / "scripts" / "make_random_models.py"),
+        str(script),
         "--comfy-dir",
         str(comfy_dir),
         "--models-dir",
-        str(base_dir / "models"),
-        "--sdxl",
+        str(models_dir),
     ]
-    _run(cmd, "build random SDXL models", cwd=str(comfy_dir))
-    return base_dir
+    return _run([*cmd, *flags], f"build random models {' '.join(flags)}", cwd=str(comfy_dir))
 
 
 def _random_model_ok(path: Path, seed: int) -> bool:
