@@ -4,6 +4,7 @@ Library (used by tests/host and tests/browser) and CLI::
 
     python scripts/host.py install                 # ComfyUI 0.3.75 into .host/comfyui (+ its requirements)
     python scripts/host.py models                  # random SD1.5 checkpoint + 3 ControlNets into BASE/models
+    python scripts/host.py control-files --family sd15|sdxl   # random T2I / Control-LoRA / Union / LLLite files
     python scripts/host.py serve [--port P]        # a server with the pack loaded, until Ctrl-C
     python scripts/host.py run WORKFLOW_API_JSON [--out DIR]
 
@@ -276,6 +277,52 @@ def build_sdxl_models(
     comfy_dir = resolve_comfy_dir(comfy_dir)
     _make_random_models(comfy_dir, base_dir / "models", python, "--sdxl")
     return base_dir
+
+
+def build_control_files(
+    base_dir: Path, family: str, *, comfy_dir: Path | None = None, python: str | None = None
+) -> dict[str, Path]:
+    """Write the seeded random files of the other control kinds for ``family`` ("sd15": T2I-Adapter full + light;
+    "sdxl": diffusers T2I-Adapter XL, Control-LoRA rank 8, Union promax (reduced SDXL), LLLite) into
+    ``base_dir/models/controlnet`` with scripts/make_random_control_files.py (~190 MB / ~7 s for sd15, ~580 MB /
+    ~40 s for sdxl). Idempotent: nothing runs when every file carries its seed in its header. Files built in a run
+    are loaded once with ComfyUI's loader, which must detect their kind (LLLite excepted: no loader in core).
+    Returns {"t2i_depth": path, ...}: the file name without ``controlstack_random_<family>_`` and extension."""
+    # name -> seed; the same table as make_random_control_files.FILES (checked below after a build).
+    files = {
+        "sd15": {
+            "controlstack_random_sd15_t2i_depth.safetensors": 200,
+            "controlstack_random_sd15_t2i_sketch_light.safetensors": 201,
+        },
+        "sdxl": {
+            "controlstack_random_sdxl_t2i_canny_diffusers.safetensors": 300,
+            "controlstack_random_sdxl_control_lora_rank8.safetensors": 301,
+            "controlstack_random_sdxl_union_promax.safetensors": 302,
+            "controlstack_random_sdxl_lllite.safetensors": 303,
+        },
+    }
+    if family not in files:
+        raise HostError(f"unknown family {family!r} for control files (sd15 or sdxl)")
+    base_dir = prepare_base(base_dir)
+    comfy_dir = resolve_comfy_dir(comfy_dir)
+    models = base_dir / "models"
+    prefix = f"controlstack_random_{family}_"
+    seeds = {name[len(prefix) : -len(".safetensors")]: seed for name, seed in files[family].items()}
+    paths = {key: models / "controlnet" / f"{prefix}{key}.safetensors" for key in seeds}
+    if all(_random_model_ok(paths[key], seed) for key, seed in seeds.items()):
+        return paths
+    script = REPO / "scripts" / "make_random_control_files.py"
+    cmd = [resolve_python(python), str(script), "--comfy-dir", str(comfy_dir), "--models-dir", str(models)]
+    proc = _run(
+        [*cmd, "--family", family, "--check"], f"build random {family} control files", cwd=str(comfy_dir)
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["built"]:
+        log.info("built %d %s control file(s) in %.1f s", len(result["built"]), family, result["build_s"])
+    stale = [str(paths[key]) for key, seed in seeds.items() if not _random_model_ok(paths[key], seed)]
+    if stale:
+        raise HostError(f"control file build left no file with the expected seed at {stale}")
+    return paths
 
 
 def _make_random_models(
@@ -635,6 +682,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("install", help="install ComfyUI 0.3.75 and its requirements")
     sub.add_parser("models", help="build the random SD1.5 checkpoint and ControlNets")
+    cf = sub.add_parser(
+        "control-files",
+        help="build random T2I-Adapter / Control-LoRA / Union / LLLite files (default base: .host/base for sd15, "
+        ".host/base_sdxl for sdxl)",
+    )
+    cf.add_argument("--family", choices=("sd15", "sdxl"), required=True)
     s = sub.add_parser("serve", help="run a server with the pack until Ctrl-C")
     s.add_argument("--port", type=int, default=8188)
     r = sub.add_parser("run", help="run an API-format workflow headless and copy its images")
@@ -650,6 +703,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.cmd == "models":
             for key, path in build_models(
                 args.base_dir, comfy_dir=args.comfy_dir, python=args.python
+            ).items():
+                print(f"{key}: {path}")
+        elif args.cmd == "control-files":
+            default_base = SDXL_BASE_DIR if args.family == "sdxl" else DEFAULT_BASE_DIR
+            base_dir = env_path(args.base_dir, "CONTROLSTACK_BASE_DIR", default_base)
+            for key, path in build_control_files(
+                base_dir, args.family, comfy_dir=args.comfy_dir, python=args.python
             ).items():
                 print(f"{key}: {path}")
         elif args.cmd == "serve":
