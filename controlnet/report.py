@@ -19,11 +19,13 @@ class StackRecorder:
         self.sigmas: list[float | None] = []
         self._cells: dict[tuple[int, int], torch.Tensor] = {}
 
-    def __call__(self, idx: int, sigma: float | None, applied: Sequence[torch.Tensor]) -> None:
+    def __call__(self, idx: int, sigma: float | None, applied: Sequence[torch.Tensor | None]) -> None:
         if not self.sigmas or self.sigmas[-1] != sigma:
             self.sigmas.append(sigma)
         col = len(self.sigmas) - 1
-        stats = torch.stack([r.detach().abs().float().mean() for r in applied])
+        # A slot a kind does not use (T2I-Adapters feed 4 of the 13) reads 0.
+        zero = next(r for r in applied if r is not None).new_zeros((), dtype=torch.float32)
+        stats = torch.stack([zero if r is None else r.detach().abs().float().mean() for r in applied])
         prev = self._cells.get((idx, col))
         # Samplers that call the model twice per step (Heun, DPM2) land in the same column: keep the larger.
         self._cells[(idx, col)] = stats if prev is None else torch.maximum(prev, stats)

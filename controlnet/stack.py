@@ -4,7 +4,14 @@ A stack is an immutable list of `StackEntry` (a ControlNet with its hint, streng
 optional mask). For each UNet call, `ResidualStack.residuals` runs the entries whose window contains the current
 noise level and returns one list of residuals (shallow -> deep, middle last) that the frozen UNet adds to its skips.
 
-Pure torch, no host: the ComfyUI patcher (nodes/patcher.py) drives it through `begin_run` / `residuals` / `end_run`.
+Entries may hold any kind of control module (the "control-module protocol", docs/design.md): classic ControlNets,
+Control-LoRAs (merged into a ControlNet once) and Union models add residuals to the UNet's skips ("output" injection);
+T2I-Adapters add features after input blocks ("input" injection, computed once per run); LLLite modifies the inputs of
+attention q/k/v ("attention" injection, applied through `attention_patch`). Several entries of one Union model with the
+same window, mode, scales and mask run as ONE multi-condition forward (the ProMax path).
+
+Pure torch, no host: the ComfyUI patcher (nodes/patcher.py) drives it through `begin_run` / `control` /
+`attention_patch` / `end_run`.
 
 What makes it fast (see docs/performance.md):
 - each entry's hint is fitted and encoded once per run, not once per step (the hint encoder ignores x, t, context);
@@ -56,9 +63,19 @@ def mode_scales(mode: str, num_residuals: int) -> tuple[float, ...]:
     return (1.0,) * num_residuals
 
 
+def kind_of(module: torch.nn.Module) -> str:
+    """The control kind of a module ("controlnet", "control_lora", "union", "t2i_adapter", "lllite")."""
+    return getattr(module, "kind", "controlnet")
+
+
+def injection_of(module: torch.nn.Module) -> str:
+    """Where a module's outputs go: "output" (skips), "input" (after input blocks) or "attention" (q/k/v inputs)."""
+    return getattr(module, "injection", "output")
+
+
 @dataclass(frozen=True, eq=False)
 class StackEntry:
-    """One ControlNet applied with one hint. Immutable: editing a graph builds a new stack."""
+    """One control module applied with one hint. Immutable: editing a graph builds a new stack."""
 
     controlnet: torch.nn.Module
     hint: torch.Tensor
@@ -74,6 +91,11 @@ class StackEntry:
     resize_mode: str = "just resize"
     label: str = ""
     """Names the entry in errors and reports (the patcher uses the ApplyHint node id)."""
+    union_type: int | None = None
+    """Union models only: the control type id of this hint (None: ComfyUI's "auto", no type)."""
+    latent_token: bool = True
+    """Union models only: True follows the model's reference maths (xinsir / diffusers feed the noisy latent to the
+    fusion transformer as a token); False reproduces ComfyUI's built-in Union maths (no such token)."""
 
     def __post_init__(self) -> None:
         n = self.controlnet.num_residuals
@@ -94,6 +116,11 @@ class StackEntry:
             raise ControlNetError(
                 f"{self.name}: window: expected 0 <= start <= end <= 1, got {self.start_percent}..{self.end_percent}"
             )
+        if self.union_type is not None and kind_of(self.controlnet) != "union":
+            raise ControlNetError(
+                f"{self.name}: a control type ({self.union_type}) only applies to ControlNet Union / ProMax models; "
+                f"this is a {kind_of(self.controlnet)}"
+            )
         mode_scales(self.mode, n)  # validates the mode
 
     def __deepcopy__(self, memo: dict) -> StackEntry:
@@ -104,12 +131,74 @@ class StackEntry:
     def name(self) -> str:
         return self.label or getattr(self.controlnet, "name", "") or "ControlNet"
 
+    @property
+    def kind(self) -> str:
+        return kind_of(self.controlnet)
+
+    @property
+    def injection(self) -> str:
+        return injection_of(self.controlnet)
+
+    @cached_property
+    def unit_scales(self) -> tuple[float, ...]:
+        """mode x custom, one multiplier per residual slot (strength not included)."""
+        n = self.controlnet.num_residuals
+        custom = self.scales or (1.0,) * n
+        return tuple(m * c for m, c in zip(mode_scales(self.mode, n), custom, strict=True))
+
     @cached_property
     def layer_scales(self) -> tuple[float, ...]:
         """strength x mode x custom, one multiplier per residual (computed once: entries are immutable)."""
-        n = self.controlnet.num_residuals
-        custom = self.scales or (1.0,) * n
-        return tuple(self.strength * m * c for m, c in zip(mode_scales(self.mode, n), custom, strict=True))
+        return tuple(self.strength * s for s in self.unit_scales)
+
+    def fuses_with(self, other: StackEntry) -> bool:
+        """True when both are hints of one Union model that can share one multi-condition forward."""
+        return (
+            self.kind == "union"
+            and other.controlnet is self.controlnet
+            and self.union_type is not None
+            and other.union_type is not None
+            and (self.start_percent, self.end_percent, self.mode, self.scales, self.latent_token)
+            == (other.start_percent, other.end_percent, other.mode, other.scales, other.latent_token)
+            and _same_mask(self.mask, other.mask)
+            and self.resize_mode == other.resize_mode
+        )
+
+
+def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
+
+
+@dataclass
+class StepControl:
+    """What one UNet call receives: summed tensors per slot (None where nothing is added)."""
+
+    output: list[torch.Tensor | None]
+    """One per input block (shallow -> deep), added to that block's skip connection."""
+    input: list[torch.Tensor | None]
+    """One per input block, added to h right after that block (T2I-Adapters)."""
+    middle: torch.Tensor | None
+    """Added to the middle block's output."""
+
+
+def _slot(injection: str, i: int, n: int) -> int:
+    """Index in the flat accumulator: output slots 0..n-2, middle n-1, input slots n..2n-2."""
+    if i == n - 1:
+        return n - 1
+    return i if injection == "output" else n + i
+
+
+def _map_tensors(obj, fn):
+    """Apply `fn` to every tensor of an encoding (a tensor, a list with Nones, or a dict of tensors)."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return [_map_tensors(v, fn) for v in obj]
 
 
 def broadcast_rows(t: torch.Tensor, batch: int, chunks: int, what: str) -> torch.Tensor:
@@ -139,6 +228,8 @@ class _RunState:
     encoded: dict = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
     row_masks: dict = field(default_factory=dict)
+    static: dict = field(default_factory=dict)
+    groups: dict = field(default_factory=dict)
     graphs: dict = field(default_factory=dict)
     seen: set = field(default_factory=set)
     graph_pool: object = None
@@ -211,8 +302,30 @@ class ResidualStack:
             out.append(i)
         return tuple(out)
 
+    def _groups(self, active: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """The residual forwards of one step: one group per forward. Hints of one Union model that can share a
+        forward are grouped (ProMax multi-condition); every other entry is a group of its own. LLLite entries are
+        left out (they act through `attention_patch`)."""
+        run = self._state()
+        hit = run.groups.get(active)
+        if hit is not None:
+            return hit
+        groups: list[list[int]] = []
+        for i in active:
+            entry = self.entries[i]
+            if entry.injection == "attention":
+                continue
+            for g in groups:
+                if self.entries[g[0]].fuses_with(entry):
+                    g.append(i)
+                    break
+            else:
+                groups.append([i])
+        run.groups[active] = out = tuple(tuple(g) for g in groups)
+        return out
+
     @torch.no_grad()
-    def residuals(
+    def control(
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
@@ -222,8 +335,8 @@ class ResidualStack:
         sigma: float | None = None,
         cond_or_uncond: Sequence[int] = (COND,),
         out_dtype: torch.dtype | None = None,
-    ) -> list[torch.Tensor] | None:
-        """Summed residuals of the active entries for one UNet call, or None when none is active.
+    ) -> StepControl | None:
+        """Summed control of the active residual entries for one UNet call, or None when none is active.
 
         `x` is the UNet input (already scaled for the model), `timesteps` the UNet timesteps, `cond_or_uncond` the
         kind of each of the equal chunks that `x`'s batch is made of (ComfyUI batches cond and uncond together).
@@ -231,6 +344,9 @@ class ResidualStack:
         active = self.active(sigma)
         self._sigma = sigma
         if not active:
+            return None
+        groups = self._groups(active)
+        if not groups:
             return None
         run = self._state()
         chunks = tuple(cond_or_uncond)
@@ -240,7 +356,7 @@ class ResidualStack:
             )
         out_dtype = out_dtype or x.dtype
         key = (
-            active,
+            groups,
             tuple(x.shape),
             x.dtype,
             x.device,
@@ -248,88 +364,193 @@ class ResidualStack:
             None if y is None else tuple(y.shape),
             chunks,
         )
-
+        slots = None
         if run.use_cuda_graphs and x.is_cuda and self.observer is None:
             graph = run.graphs.get(key)
             if graph is not None:
-                self.calls += len(active)
-                return graph.replay(x, timesteps, context, y)
-            if key in run.seen:  # second time this layout runs: capture it (the first run was the warm-up)
+                self.calls += sum(len(g) for g in groups)
+                slots = graph.replay(x, timesteps, context, y)
+            elif key in run.seen:  # second time this layout runs: capture it (the first run was the warm-up)
                 try:
-                    graph = _CapturedStep(self, active, chunks, out_dtype, x, timesteps, context, y, run)
+                    graph = _CapturedStep(self, groups, chunks, out_dtype, x, timesteps, context, y, run)
                 except Exception as err:  # capture is an optimisation; never fail a render for it
                     log.warning("ControlStack: CUDA graph capture failed, running eagerly: %s", err)
                     run.use_cuda_graphs = False
                 else:
                     run.graphs[key] = graph
-                    self.calls += len(active)
-                    return graph.replay(x, timesteps, context, y)
+                    self.calls += sum(len(g) for g in groups)
+                    slots = graph.replay(x, timesteps, context, y)
             run.seen.add(key)
-        return self._compute(active, chunks, out_dtype, x, timesteps, context, y)
+        if slots is None:
+            slots = self._compute(groups, chunks, out_dtype, x, timesteps, context, y)
+        n = (len(slots) + 1) // 2
+        return StepControl(output=list(slots[: n - 1]), input=list(slots[n:]), middle=slots[n - 1])
+
+    def residuals(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor | None = None,
+        **kwargs,
+    ) -> list[torch.Tensor] | None:
+        """The skip-path view of `control` (shallow -> deep, middle last) for stacks of ControlNet-like entries."""
+        step = self.control(x, timesteps, context, y, **kwargs)
+        if step is None:
+            return None
+        if any(t is not None for t in step.input):
+            raise ControlNetError(
+                "residuals(): this stack has input-path entries (T2I-Adapters); use control()"
+            )
+        return [*step.output, step.middle]  # type: ignore[list-item]
 
     def _compute(
         self,
-        active: tuple[int, ...],
+        groups: tuple[tuple[int, ...], ...],
         chunks: tuple[int, ...],
         out_dtype: torch.dtype,
         x: torch.Tensor,
         timesteps: torch.Tensor,
         context: torch.Tensor,
         y: torch.Tensor | None,
-        out: list[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        """The eager step: run each active ControlNet, scale, mask, and add into `out` in place."""
-        for idx in active:
-            entry = self.entries[idx]
-            cn = entry.controlnet
-            dtype = _dtype_of(cn)
-            # 1. the hint, fitted and encoded once per run, broadcast to the batch
-            encoded = self._encoded_hint(idx, x, chunks, dtype)
-            # 2. the ControlNet pass
-            res = cn(
-                x.to(dtype),
-                None,
-                timesteps.to(dtype),
-                context.to(dtype),
-                None if y is None else y.to(dtype),
-                encoded_hint=encoded,
+    ) -> list[torch.Tensor | None]:
+        """The eager step: run each group's forward, scale, mask, and add into one flat set of slot buffers."""
+        n = self.entries[groups[0][0]].controlnet.num_residuals
+        if any(self.entries[g[0]].controlnet.num_residuals != n for g in groups):
+            raise ControlNetError(
+                "the stacked control modules have different layer counts: they are for different UNet families"
             )
-            self.calls += 1
-            # 3. pooling, scales, masks, cond-only rows
-            scales = entry.layer_scales
-            row_mask = self._row_mask(x, chunks, dtype) if entry.mode == "control" else None
-            applied = []
-            for i, r in enumerate(res):
-                if cn.global_average_pooling:
-                    r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
-                r = r * scales[i]
+        out: list[torch.Tensor | None] = [None] * (2 * n - 1)
+        for group in groups:
+            lead = self.entries[group[0]]
+            cn = lead.controlnet
+            dtype = _dtype_of(cn)
+            if lead.injection == "input":
+                # T2I-Adapter: features do not depend on x or t; scaled and masked once per run.
+                applied, fresh = self._static_applied(group[0], x, chunks, dtype), False
+            else:
+                applied, fresh = self._forward(group, chunks, x, timesteps, context, y, dtype), True
+            if self.observer is not None:
+                for idx in group:
+                    self.observer(idx, self._sigma, applied)
+            for i, r in enumerate(applied):
+                if r is None:
+                    continue
+                s = _slot(lead.injection, i, n)
+                if out[s] is None:
+                    # never accumulate into a cached tensor: copy when `r` would be returned as is
+                    out[s] = r.to(out_dtype) if fresh or r.dtype != out_dtype else r.clone()
+                else:
+                    out[s].add_(r)  # type: ignore[union-attr]
+        return out
+
+    def _forward(
+        self,
+        group: tuple[int, ...],
+        chunks: tuple[int, ...],
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> list[torch.Tensor]:
+        """One residual forward (a ControlNet, a Control-LoRA, or a Union model with one or more hints), scaled."""
+        lead = self.entries[group[0]]
+        cn = lead.controlnet
+        args = (x.to(dtype), None, timesteps.to(dtype), context.to(dtype), None if y is None else y.to(dtype))
+        encoded = [self._encoded_hint(idx, x, chunks, dtype) for idx in group]
+        if lead.kind == "union":
+            types = [] if lead.union_type is None else [self.entries[i].union_type for i in group]
+            res = cn(
+                *args,
+                encoded_hint=encoded,
+                control_types=types,
+                condition_scales=[self.entries[i].strength for i in group],
+                latent_token=lead.latent_token,
+            )
+            # One hint: strength scales the residuals (as ComfyUI and diffusers). Several: the strengths went into
+            # the fusion as per-condition scales (diffusers' multi-condition maths), the residuals get mode x custom.
+            scales = lead.layer_scales if len(group) == 1 else lead.unit_scales
+        else:
+            res = cn(*args, encoded_hint=encoded[0])
+            scales = lead.layer_scales
+        self.calls += len(group)
+        row_mask = self._row_mask(x, chunks, dtype) if lead.mode == "control" else None
+        applied = []
+        for i, r in enumerate(res):
+            if getattr(cn, "global_average_pooling", False):
+                r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
+            r = r * scales[i]
+            if lead.mask is not None:
+                r = r * self._mask_at(group[0], x, r.shape[-2:], len(chunks), dtype)
+            if row_mask is not None:
+                r = r * row_mask
+            applied.append(r)
+        return applied
+
+    def _static_applied(
+        self, idx: int, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype
+    ) -> list[torch.Tensor | None]:
+        """An x-independent entry's (T2I-Adapter) scaled, masked features for this batch layout, once per run."""
+        run = self._state()
+        key = (idx, tuple(x.shape), chunks, x.device, dtype)
+        hit = run.static.get(key)
+        if hit is not None:
+            return hit
+        entry = self.entries[idx]
+        features = self._encoded_hint(idx, x, chunks, dtype)
+        row_mask = self._row_mask(x, chunks, dtype) if entry.mode == "control" else None
+        applied: list[torch.Tensor | None] = []
+        for i, r in enumerate(features):
+            if r is not None:
+                r = r * entry.layer_scales[i]
                 if entry.mask is not None:
                     r = r * self._mask_at(idx, x, r.shape[-2:], len(chunks), dtype)
                 if row_mask is not None:
                     r = r * row_mask
-                applied.append(r)
-            if self.observer is not None:
-                self.observer(idx, self._sigma, applied)
-            # 4. accumulate in place into one set of buffers
-            if out is None:
-                out = [r.to(out_dtype) for r in applied]
-            else:
-                for o, r in zip(out, applied, strict=True):
-                    o.add_(r)
-        assert out is not None
-        return out
+                r = r.contiguous()
+            applied.append(r)
+        run.static[key] = applied
+        return applied
+
+    # -- LLLite: attention-input patches ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def attention_patch(
+        self,
+        x: torch.Tensor,
+        *,
+        sigma: float | None = None,
+        cond_or_uncond: Sequence[int] = (COND,),
+    ) -> AttentionPatch | None:
+        """The attention-input patch of the active LLLite entries for one UNet call, or None when none is active.
+
+        Prepares everything that depends only on the run and the batch layout (encoded hints broadcast to the
+        batch) before the UNet runs; the returned object is then called from inside the UNet's attention layers.
+        """
+        entries = [i for i in self.active(sigma) if self.entries[i].injection == "attention"]
+        if not entries:
+            return None
+        chunks = tuple(cond_or_uncond)
+        prepared = []
+        for idx in entries:
+            module = self.entries[idx].controlnet
+            dtype = _dtype_of(module)
+            cond = self._encoded_hint(idx, x, chunks, dtype)
+            row_mask = self._row_mask(x, chunks, dtype) if self.entries[idx].mode == "control" else None
+            prepared.append((idx, cond, row_mask))
+        self.calls += len(entries)
+        return AttentionPatch(self, prepared, x, len(chunks))
 
     # -- per-run caches -----------------------------------------------------------------------------------------
 
-    def _encoded_hint(
-        self, idx: int, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype
-    ) -> torch.Tensor:
+    def _encoded_hint(self, idx: int, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype):
+        """The entry's hint, fitted and encoded once per run, broadcast to the UNet batch (tensor, list or dict)."""
         run = self._state()
         h_px, w_px = x.shape[-2] * 8, x.shape[-1] * 8
         key = (idx, h_px, w_px, x.shape[0], len(chunks), x.device, dtype)
-        hit = run.encoded.get(key)
-        if hit is not None:
-            return hit
+        if key in run.encoded:
+            return run.encoded[key]
         entry = self.entries[idx]
         base_key = (idx, h_px, w_px, x.device, dtype)
         encoded = run.encoded.get(base_key)
@@ -345,7 +566,9 @@ class ResidualStack:
             broadcast_rows(hint, x.shape[0], len(chunks), f"{entry.name}: hint")  # validate the batch early
             encoded = entry.controlnet.encode_hint(hint.to(device=x.device, dtype=dtype))
             run.encoded[base_key] = encoded
-        full = broadcast_rows(encoded, x.shape[0], len(chunks), f"{entry.name}: hint").contiguous()
+        full = _map_tensors(
+            encoded, lambda t: broadcast_rows(t, x.shape[0], len(chunks), f"{entry.name}: hint").contiguous()
+        )
         run.encoded[key] = full
         return full
 
@@ -398,7 +621,7 @@ class _CapturedStep:
     def __init__(
         self,
         stack: ResidualStack,
-        active: tuple[int, ...],
+        groups: tuple[tuple[int, ...], ...],
         chunks: tuple[int, ...],
         out_dtype: torch.dtype,
         x: torch.Tensor,
@@ -417,16 +640,16 @@ class _CapturedStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
-            stack._compute(active, chunks, out_dtype, self.x, self.t, self.context, self.y)
+            stack._compute(groups, chunks, out_dtype, self.x, self.t, self.context, self.y)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=run.graph_pool):
-            self.out = stack._compute(active, chunks, out_dtype, self.x, self.t, self.context, self.y)
+            self.out = stack._compute(groups, chunks, out_dtype, self.x, self.t, self.context, self.y)
         stack.calls = calls
 
     def replay(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
-    ) -> list[torch.Tensor]:
+    ) -> list[torch.Tensor | None]:
         self.x.copy_(x)
         self.t.copy_(timesteps)
         self.context.copy_(context)
@@ -434,3 +657,47 @@ class _CapturedStep:
             self.y.copy_(y)
         self.graph.replay()
         return self.out
+
+
+class AttentionPatch:
+    """LLLite's learned terms on the inputs of attention q/k/v for one UNet call (`ResidualStack.attention_patch`).
+
+    Called by the host's attention layers with where it is (block, transformer index, "attn1" / "attn2") and the
+    projection inputs; returns them with every active LLLite entry's term added, scaled by the entry's strength x
+    mode x layer scale of the block's slot, its mask (resized to the block's token grid) and, in "control" mode, 0
+    on uncond rows.
+    """
+
+    def __init__(self, stack: ResidualStack, prepared: list, x: torch.Tensor, chunks: int) -> None:
+        self.stack, self.prepared, self.x, self.chunks = stack, prepared, x, chunks
+
+    def __call__(
+        self,
+        attn: str,
+        block: tuple[str, int] | None,
+        block_index: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        activations_shape: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if block is None:
+            return q, k, v
+        for idx, cond, row_mask in self.prepared:
+            entry = self.stack.entries[idx]
+            module = entry.controlnet
+            if not module.targets(tuple(block), block_index, attn):
+                continue
+            n = module.num_residuals
+            slot = block[1] if block[0] == "input" else n - 1 if block[0] == "middle" else None
+            # Output-block modules (not in kohya's default layout) have no layer slot: strength x mode only.
+            scale = entry.layer_scales[slot] if slot is not None and slot < n else entry.strength
+            mult: float | torch.Tensor = scale
+            if entry.mask is not None and activations_shape is not None:
+                h, w = int(activations_shape[-2]), int(activations_shape[-1])
+                m = self.stack._mask_at(idx, self.x, torch.Size((h, w)), self.chunks, _dtype_of(module))
+                mult = m.flatten(2).transpose(1, 2) * scale  # B x (h*w) x 1, the token order of the UNet
+            if row_mask is not None:
+                mult = row_mask.view(-1, 1, 1) * mult
+            q, k, v = module.apply(tuple(block), block_index, attn, q, k, v, cond, mult)
+        return q, k, v

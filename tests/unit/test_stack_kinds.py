@@ -1,0 +1,144 @@
+"""The residual stack with every kind of control module: T2I-Adapters (input path, once per run), LLLite (attention
+patches), Union hints fused into one forward, and mixed stacks equal to the sum of their parts — on random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cn_helpers import random_inputs, randomize_, rel_err
+from controlstack.controlnet import ControlNetConfig, ControlNetError, build_controlnet
+from controlstack.controlnet.stack import COND, UNCOND, ResidualStack, StackEntry
+from controlstack.controlnet.t2i_adapter import T2IAdapterConfig, build_t2i_adapter
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def cn():
+    """A small SD1-shaped ControlNet with SD1's 13 residual slots (4 levels of 2 ResBlocks), as T2I-Adapters have."""
+    config = ControlNetConfig(
+        "sd1",
+        model_channels=32,
+        context_dim=32,
+        channel_mult=(1, 2, 2, 2),
+        transformer_depth=(1, 1, 0, 0, 0, 0, 0, 0),
+        transformer_depth_middle=1,
+    )
+    return randomize_(build_controlnet(config, name="cn"), seed=1).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    config = T2IAdapterConfig(light=False, cin=192, channels=(16, 32, 32, 32), nums_rb=1)
+    return randomize_(build_t2i_adapter(config, name="t2i"), seed=5).eval().requires_grad_(False)
+
+
+class Counter:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+
+def test_t2i_features_go_to_the_input_path_once_per_run(adapter):
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 4, 8, 8)
+    counter = Counter(adapter.conv_in)  # the adapter's first layer: runs once per encoding
+    stack = ResidualStack([StackEntry(adapter, hint, strength=0.6)])
+    stack.begin_run()
+    want = adapter.encode_hint(hint)
+    counter.calls = 0
+    for step in range(3):
+        got = stack.control(x + step, torch.full((2,), 500.0 - step), torch.randn(2, 7, 32))
+        assert got is not None
+        assert all(t is None for t in got.output)
+        for slot, feature in enumerate(want[:-1]):
+            if feature is None:
+                assert got.input[slot] is None
+            else:
+                assert feature.abs().mean() > 0
+                assert rel_err(got.input[slot], 0.6 * feature.expand(2, -1, -1, -1)) < 1e-6
+        assert got.middle is None  # SD1/SD2 adapters feed no middle feature
+    assert counter.calls == 1, "the adapter does not depend on x or t: once per run"
+    stack.end_run()
+
+
+def test_t2i_control_mode_and_mask(adapter):
+    hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :32] = 1.0
+    x = torch.randn(2, 4, 8, 8)
+    got = ResidualStack([StackEntry(adapter, hint, mode="control", mask=mask)]).control(
+        x, torch.full((2,), 300.0), torch.randn(2, 7, 32), cond_or_uncond=(UNCOND, COND)
+    )
+    feature = adapter.encode_hint(hint)[2]
+    r = got.input[2]
+    assert r[0].abs().max() == 0, "uncond row gets nothing in 'ControlNet is more important' mode"
+    assert r[1, :, :, 4:].abs().max() == 0 and rel_err(r[1, :, :, :4], feature[0, :, :, :4]) < 1e-6
+
+
+def test_mixed_stack_is_the_sum_of_its_parts(cn, adapter):
+    x, hint, t, ctx, _ = random_inputs(cn, batch=2, seed=3)
+    both = ResidualStack([StackEntry(cn, hint, strength=0.8), StackEntry(adapter, hint[:1], strength=1.3)])
+    only_cn = ResidualStack([StackEntry(cn, hint, strength=0.8)])
+    only_t2i = ResidualStack([StackEntry(adapter, hint[:1], strength=1.3)])
+    got = both.control(x, t, ctx)
+    a, b = only_cn.control(x, t, ctx), only_t2i.control(x, t, ctx)
+    for g, w in zip(got.output, a.output, strict=True):
+        assert rel_err(g, w) < 1e-6
+    for g, w in zip(got.input, b.input, strict=True):
+        assert (g is None and w is None) or rel_err(g, w) < 1e-6
+    assert rel_err(got.middle, a.middle) < 1e-6
+    with pytest.raises(ControlNetError, match="use control"):
+        both.residuals(x, t, ctx)
+
+
+def test_control_type_only_for_union(cn):
+    x, hint, *_ = random_inputs(cn, batch=1, seed=4)
+    with pytest.raises(ControlNetError, match="Union"):
+        StackEntry(cn, hint, union_type=3)
+
+
+@pytest.fixture(scope="module")
+def lllite():
+    from test_lllite import SMALL, make_file
+
+    from controlstack.controlnet.lllite import load_lllite
+
+    return load_lllite(make_file(SMALL, seed=3), "lllite.safetensors")
+
+
+def test_lllite_attention_patch_applies_strength_rows_and_mask(lllite):
+    """The patch the host calls from its attention layers: the entry's strength x layer scale, 0 on uncond rows in
+    'control' mode, the mask at the block's token grid; encoded once per run; inactive outside its window."""
+    latent = 16
+    hint = torch.rand(1, 3, 8 * latent, 8 * latent, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 4, latent, latent)
+    block, index = ("input", 4), 0  # SDXL input block 4: 1/2 of the latent grid, 640 channels
+    q = torch.randn(2, (latent // 2) ** 2, 640)
+    cond = {k: v.expand(2, -1, -1) for k, v in lllite.encode_hint(hint).items()}
+    want_q, want_k, want_v = lllite.apply(block, index, "attn1", q, q, q, cond, 0.7)
+    assert rel_err(want_q - q, torch.zeros_like(q) + (want_q - q)) == 0 and (want_q - q).abs().mean() > 0
+
+    stack = ResidualStack([StackEntry(lllite, hint, strength=0.7, start_percent=0.0, end_percent=0.5)])
+    stack.begin_run(percent_to_sigma=lambda p: 1.0 - p)
+    assert stack.control(x, torch.full((2,), 900.0), torch.randn(2, 7, 32), sigma=0.9) is None  # no residuals
+    patch = stack.attention_patch(x, sigma=0.9, cond_or_uncond=(UNCOND, COND))
+    got = patch("attn1", block, index, q, q, q, [2, 640, latent // 2, latent // 2])
+    for g, w in zip(got, (want_q, want_k, want_v), strict=True):
+        assert rel_err(g, w) < 1e-6
+    assert stack.attention_patch(x, sigma=0.2, cond_or_uncond=(UNCOND, COND)) is None  # outside the window
+    unaffected = patch("attn1", ("input", 1), 0, q, q, q, [2, 320, latent, latent])
+    assert all(u is q for u in unaffected)
+
+    mask = torch.zeros(1, 8 * latent, 8 * latent)
+    mask[:, : 4 * latent] = 1.0  # top half
+    masked = ResidualStack([StackEntry(lllite, hint, strength=0.7, mode="control", mask=mask)])
+    patch = masked.attention_patch(x, cond_or_uncond=(UNCOND, COND))
+    q2, _, _ = patch("attn1", block, index, q, q, q, [2, 640, latent // 2, latent // 2])
+    half = (latent // 2) ** 2 // 2
+    assert torch.equal(q2[0], q[0]), "uncond row untouched in 'ControlNet is more important' mode"
+    assert torch.equal(q2[1, half:], q[1, half:]), "masked-out tokens untouched"
+    assert rel_err(q2[1, :half], want_q[1, :half]) < 1e-6
