@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import ControlNetError
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+# input_hint_block widths of the original ControlNet (and ComfyUI's hard-coded ones): 8 convs, the 3rd,
+# 5th and 7th stride 2. diffusers' ControlNetUnionModel defaults to (48, 48, 96, 96, 192, 192, 384); the
+# real file decides, so config_from_shapes reads them.
+DEFAULT_HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
 
 _BLOCK_RE = re.compile(r"^input_blocks\.(\d+)\.")
+_UNION_LAYER_RE = re.compile(r"^transformer_layes\.(\d+)\.")
 _DEPTH_RE = re.compile(r"^(input_blocks\.\d+|middle_block)\.1\.transformer_blocks\.(\d+)\.")
 
 
@@ -42,6 +47,15 @@ class ControlNetConfig:
     num_head_channels: int = -1
     use_linear: bool = False
     adm_in_channels: int | None = None
+    hint_widths: tuple[int, ...] = DEFAULT_HINT_WIDTHS
+    # ControlNet Union / ProMax (xinsir): rows of ``task_embedding`` (None: a classic ControlNet); width of
+    # each control type's sinusoidal embedding (256 = SDXL's addition_time_embed_dim; ComfyUI hard-codes
+    # it); fusion-transformer layers and heads. The heads are not in the tensors: every published file and
+    # both reference codes use 8.
+    union_num_control_types: int | None = None
+    union_type_embed_dim: int = 256
+    union_num_layers: int = 1
+    union_num_heads: int = 8
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -52,6 +66,21 @@ class ControlNetConfig:
             raise ControlNetError("transformer_depth needs one entry per encoder ResBlock")
         if (self.num_heads == -1) == (self.num_head_channels == -1):
             raise ControlNetError("exactly one of num_heads / num_head_channels must be set")
+        if len(self.hint_widths) != 7:
+            raise ControlNetError(
+                f"hint_widths needs the 7 inner widths of the 8-conv hint encoder, got {self.hint_widths}"
+            )
+        if self.union_num_control_types is not None and (
+            self.union_num_control_types < 1 or self.model_channels % self.union_num_heads
+        ):
+            raise ControlNetError(
+                f"Union: {self.union_num_control_types} control types / {self.union_num_heads} heads do not fit "
+                f"{self.model_channels} channels"
+            )
+
+    @property
+    def is_union(self) -> bool:
+        return self.union_num_control_types is not None
 
     @property
     def time_embed_dim(self) -> int:
@@ -74,8 +103,15 @@ class ControlNetConfig:
         return channels // self.num_head_channels, self.num_head_channels
 
 
-def preset(family: str) -> ControlNetConfig:
-    """The full-size configuration of the public ControlNets of one family."""
+def preset(family: str, union_num_control_types: int | None = None) -> ControlNetConfig:
+    """The full-size configuration of the public ControlNets of one family.
+
+    ``union_num_control_types`` (SDXL only): 6 for xinsir's Union file, 8 for ProMax.
+    """
+    if union_num_control_types is not None:
+        if family != "sdxl":
+            raise ControlNetError(f"ControlNet Union / ProMax files exist for SDXL only, not {family!r}")
+        return replace(preset("sdxl"), union_num_control_types=union_num_control_types)
     if family == "sd1":
         return ControlNetConfig("sd1")
     if family == "sd2":
@@ -106,10 +142,12 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "state
 
     model_channels, in_channels = need("input_blocks.0.0.weight")[:2]
     hint_channels = need("input_hint_block.0.weight")[1]
+    hint_widths = tuple(need(f"input_hint_block.{2 * i}.weight")[0] for i in range(7))
     if need("input_hint_block.14.weight")[0] != model_channels:
         raise ControlNetError(
             f"{name}: hint encoder output does not match conv_in's {model_channels} channels"
         )
+    union = _union_from_shapes(shapes, model_channels, name)
 
     n_blocks = 1 + max(int(m.group(1)) for k in shapes if (m := _BLOCK_RE.match(k)))
     depth_of: dict[str, int] = {}
@@ -163,5 +201,39 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "state
         transformer_depth_middle=middle_depth,
         use_linear=use_linear,
         adm_in_channels=adm,
+        hint_widths=hint_widths,
+        **union,
         **heads,
     )
+
+
+def _union_from_shapes(shapes: Mapping[str, tuple[int, ...]], model_channels: int, name: str) -> dict:
+    """The Union fields of the config (empty for a classic ControlNet); ldm-side (ComfyUI) key names.
+
+    Layout from ComfyUI's ``comfy/cldm/cldm.py`` and diffusers' ``ControlNetUnionModel``: the fusion
+    tokens are hint features (model_channels wide), so ``task_embedding`` and ``spatial_ch_projs`` must be
+    model_channels wide too.
+    """
+    if "task_embedding" not in shapes:
+        return {}
+    n_types, width = shapes["task_embedding"]
+    if width != model_channels:
+        raise ControlNetError(
+            f"{name}: Union task_embedding is {width} wide, expected conv_in's {model_channels} channels"
+        )
+    key = "control_add_embedding.linear_1.weight"
+    if key not in shapes:
+        raise ControlNetError(f"{name}: ControlNet Union tensor {key!r} is missing")
+    type_in = shapes[key][1]
+    if type_in % n_types:
+        raise ControlNetError(
+            f"{name}: Union {key} takes {type_in} inputs, not a multiple of the {n_types} control types"
+        )
+    layers = {int(m.group(1)) for k in shapes if (m := _UNION_LAYER_RE.match(k))}
+    if not layers or layers != set(range(len(layers))):
+        raise ControlNetError(f"{name}: ControlNet Union fusion transformer (transformer_layes.N) missing")
+    return {
+        "union_num_control_types": n_types,
+        "union_type_embed_dim": type_in // n_types,
+        "union_num_layers": len(layers),
+    }

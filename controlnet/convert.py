@@ -7,6 +7,12 @@ Layouts (decided by key names only, see docs/formats.md):
   checkpoints also carry ``model.diffusion_model.*``, ``first_stage_model.*``, ... which are dropped.
 - ``diffusers``: ``ControlNetModel`` keys (``controlnet_cond_embedding.*``, ``down_blocks.*``,
   ``controlnet_down_blocks.N``, ``controlnet_mid_block``, ``time_embedding``, ``add_embedding``).
+
+ControlNet Union / ProMax (xinsir) files are diffusers ``ControlNetUnionModel`` state dicts: the classic keys
+plus ``task_embedding``, ``control_add_embedding.linear_{1,2}``, ``transformer_layes.N.*`` and
+``spatial_ch_projs``. ComfyUI's ldm-side names are the same except the fusion attention's packed
+projection, ``nn.MultiheadAttention``'s ``attn.in_proj_weight`` / ``in_proj_bias`` vs ComfyUI's
+``attn.in_proj.weight`` / ``.bias`` (comfy/controlnet.py: ``k.replace('.attn.in_proj_', '.attn.in_proj.')``).
 """
 
 from __future__ import annotations
@@ -68,6 +74,20 @@ def key_prefix_map(num_levels: int, layers_per_block: int) -> dict[str, str]:
     return pairs
 
 
+UNION_PREFIXES = ("task_embedding", "control_add_embedding.", "transformer_layes.", "spatial_ch_projs.")
+_IN_PROJ_LDM = re.compile(r"(\.attn\.in_proj)\.(weight|bias)$")
+_IN_PROJ_DIFFUSERS = re.compile(r"(\.attn\.in_proj)_(weight|bias)$")
+
+
+def _union_key(key: str, to_diffusers: bool) -> str | None:
+    # Union modules keep their names in both layouts but for the packed q/k/v projection; None: not Union.
+    if not key.startswith(UNION_PREFIXES):
+        return None
+    if to_diffusers:
+        return _IN_PROJ_LDM.sub(r"\1_\2", key)
+    return _IN_PROJ_DIFFUSERS.sub(r"\1.\2", key)
+
+
 def _rename(key: str, table: dict[str, str]) -> str | None:
     # Longest matching module prefix wins; the parameter name after it is kept.
     parts = key.split(".")
@@ -80,7 +100,14 @@ def _rename(key: str, table: dict[str, str]) -> str | None:
 def ldm_to_diffusers(keys: Iterable[str], num_levels: int, layers_per_block: int) -> dict[str, str]:
     """ldm key -> diffusers key (keys without a diffusers counterpart are left out)."""
     table = key_prefix_map(num_levels, layers_per_block)
-    return {k: new for k in keys if (new := _rename(k, table)) is not None}
+    out = {}
+    for k in keys:
+        new = _union_key(k, to_diffusers=True)
+        if new is None:
+            new = _rename(k, table)
+        if new is not None:
+            out[k] = new
+    return out
 
 
 def diffusers_to_ldm(keys: Iterable[str]) -> dict[str, str]:
@@ -89,13 +116,19 @@ def diffusers_to_ldm(keys: Iterable[str]) -> dict[str, str]:
     levels = {int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.(\d+)\.", k))}
     per_block = {int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))}
     table = {v: k for k, v in key_prefix_map(len(levels), len(per_block)).items()}
-    return {k: new for k in keys if (new := _rename(k, table)) is not None}
+    out = {}
+    for k in keys:
+        new = _union_key(k, to_diffusers=False)
+        if new is None:
+            new = _rename(k, table)
+        if new is not None:
+            out[k] = new
+    return out
 
 
 # (key prefixes or exact names, what it is); any key matching is enough.
 _UNSUPPORTED = (
     (("lora_controlnet",), "Control-LoRA (lora_controlnet)"),
-    (("task_embedding", "control_add_embedding."), "ControlNet-Union"),
     (("lllite",), "ControlNet-LLLite"),
     (("controlnet_blocks.", "controlnet_x_embedder."), "SD3 / Flux / DiT ControlNet"),
 )
@@ -139,9 +172,10 @@ def to_ldm_keys(keys: Iterable[str], name: str = "state dict") -> tuple[str, dic
     keys = list(keys)
     layout = detect_layout(keys, name)
     if layout == "ldm-prefixed":
-        return layout, {k[len(LDM_PREFIX) :]: k for k in keys if k.startswith(LDM_PREFIX)}
+        bare = {k[len(LDM_PREFIX) :]: k for k in keys if k.startswith(LDM_PREFIX)}
+        return layout, {_union_key(k, False) or k: src for k, src in bare.items()}
     if layout == "ldm":
-        return layout, {k: k for k in keys if k != DIFFERENCE_KEY}
+        return layout, {_union_key(k, False) or k: k for k in keys if k != DIFFERENCE_KEY}
     return layout, {v: k for k, v in diffusers_to_ldm(keys).items()}
 
 

@@ -3,11 +3,18 @@
 Zhang, Rao, Agrawala, "Adding Conditional Control to Text-to-Image Diffusion Models", arXiv 2302.05543.
 The module and parameter names mirror the original ldm code (and ComfyUI's ``comfy/cldm/cldm.py``) so
 that checkpoints load without renaming and the numbers match ComfyUI's built-in ControlNet.
+
+ControlNet Union / ProMax (xinsir6/ControlNetPlus ``models/controlnet_union.py``; diffusers
+``ControlNetUnionModel``) is the same encoder plus a condition-fusion stage in front of it; its modules
+carry ComfyUI's names (``task_embedding``, ``control_add_embedding``, ``transformer_layes``,
+``spatial_ch_projs``).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +22,7 @@ from torch import nn
 
 from .config import ControlNetConfig
 from .errors import ControlNetError
-
-HINT_CHANNELS = (16, 16, 32, 32, 96, 96, 256)  # input_hint_block conv widths; every 2nd one strides by 2
+from .union import UNION_TYPE_NAMES, union_type_label
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -168,12 +174,73 @@ def _zero_conv(channels: int) -> TimestepEmbedSequential:
     return TimestepEmbedSequential(conv)
 
 
+class UnionAttention(nn.Module):
+    """Self-attention with one packed q/k/v projection (``in_proj``), as torch's nn.MultiheadAttention
+    (xinsir, diffusers) and ComfyUI's ``OptimizedAttention``: attends over dim 1 of a B x N x C input."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.in_proj(x).chunk(3, dim=-1))
+        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation x * sigmoid(1.702 x), used by the Union fusion MLP."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class UnionTransformerLayer(nn.Module):
+    """One pre-norm block of the Union fusion transformer (ComfyUI's ``ResBlockUnionControlnet``, CLIP's
+    ``ResidualAttentionBlock``): x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = UnionAttention(dim, heads)
+        self.ln_1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(dim, 4 * dim), gelu=QuickGELU(), c_proj=nn.Linear(4 * dim, dim))
+        )
+        self.ln_2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ControlAddEmbedding(nn.Module):
+    """Union's control-type embedding: the 0/1 type vector, each entry sinusoid-embedded and flattened,
+    through Linear-SiLU-Linear (diffusers ``control_type_proj`` + ``control_add_embedding``)."""
+
+    def __init__(self, type_dim: int, num_types: int, out_dim: int) -> None:
+        super().__init__()
+        self.type_dim, self.num_types = type_dim, num_types
+        self.linear_1 = nn.Linear(type_dim * num_types, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, types: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        vec = torch.zeros(self.num_types, device=device)
+        vec[types] = 1.0
+        e = timestep_embedding(vec, self.type_dim).to(dtype).reshape(1, -1)
+        return self.linear_2(F.silu(self.linear_1(e)))
+
+
 class ControlNet(nn.Module):
     """ControlNet for SD1.x / SD2.x / SDXL (arXiv 2302.05543), ldm parameter layout.
 
     ``forward`` returns one residual per encoder block (shallow -> deep) and the middle one last, for the
-    frozen UNet to add to its skip connections and its middle block output.
+    frozen UNet to add to its skip connections and its middle block output. With
+    ``config.union_num_control_types`` set it is a ControlNet Union / ProMax (``kind == "union"``).
     """
+
+    injection = "output"  # control-module protocol: residuals go to the UNet's skips and middle block
 
     def __init__(self, config: ControlNetConfig, name: str = "ControlNet") -> None:
         super().__init__()
@@ -189,7 +256,7 @@ class ControlNet(nn.Module):
             )
 
         # Hint encoder: 8 3x3 convs, pixel space -> latent grid, last one zero-initialised.
-        widths = (config.hint_channels, *HINT_CHANNELS, mc)
+        widths = (config.hint_channels, *config.hint_widths, mc)
         layers: list[nn.Module] = []
         for i in range(len(widths) - 1):
             stride = 2 if i in (2, 4, 6) else 1
@@ -236,6 +303,22 @@ class ControlNet(nn.Module):
         self.middle_block = TimestepEmbedSequential(*middle)
         self.middle_block_out = _zero_conv(ch)
 
+        if config.union_num_control_types is not None:
+            # Fusion tokens are hint features, so everything is model_channels wide (xinsir: 320).
+            n = config.union_num_control_types
+            self.task_embedding = nn.Parameter(torch.empty(n, mc))
+            self.transformer_layes = nn.Sequential(  # sic: the published files' spelling
+                *(UnionTransformerLayer(mc, config.union_num_heads) for _ in range(config.union_num_layers))
+            )
+            self.spatial_ch_projs = nn.Linear(mc, mc)
+            self.control_add_embedding = ControlAddEmbedding(config.union_type_embed_dim, n, ted)
+            if self.task_embedding.device.type != "meta":
+                nn.init.normal_(self.task_embedding, std=mc**0.5)  # diffusers' init: sqrt(C) * randn
+
+    @property
+    def kind(self) -> str:
+        return "union" if self.config.union_num_control_types is not None else "controlnet"
+
     @property
     def family(self) -> str:
         return self.config.family
@@ -268,61 +351,160 @@ class ControlNet(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        hint: torch.Tensor | None,
+        hint: torch.Tensor | Sequence[torch.Tensor] | None,
         timesteps: torch.Tensor,
         context: torch.Tensor,
         y: torch.Tensor | None = None,
         *,
-        encoded_hint: torch.Tensor | None = None,
+        encoded_hint: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        control_types: Sequence[int] | None = None,
+        condition_scales: Sequence[float] | None = None,
+        latent_token: bool = True,
     ) -> list[torch.Tensor]:
         """Residuals for the UNet, shallow -> deep, middle last, in ``x``'s dtype.
 
         ``timesteps`` are UNet timesteps (0..999, float); ``y`` is SDXL's adm vector. When
         ``encoded_hint`` (from :meth:`encode_hint`) is given, ``hint`` is ignored.
+
+        Union / ProMax models only (``kind == "union"``):
+
+        - ``control_types``: one type id (see :data:`.union.UNION_TYPES`) per condition; ``hint`` /
+          ``encoded_hint`` is then a list with one hint per condition (a bare tensor is one condition).
+          ``None`` or ``[]`` is ComfyUI's "auto": a zero type vector and the plain encoded hint, no fusion.
+        - ``condition_scales``: per-condition strengths, used only with several conditions, inside the
+          fusion exactly like diffusers' ``ControlNetUnionModel`` without ``from_multi`` (features,
+          conditions and fusion offsets scaled). With one condition they are ignored: the caller scales the
+          residuals (as diffusers and ComfyUI do). Residuals are never scaled here.
+        - ``latent_token=True``: the reference maths (xinsir6/ControlNetPlus, diffusers): the noisy latent's
+          mean feature after conv_in is appended as a token, and the fusion transformer runs the way
+          their non-batch-first ``nn.MultiheadAttention`` does, attending over the batch axis for each
+          token position. ``False``: ComfyUI's built-in maths (``union_controlnet_merge``): no latent
+          token, attention over each sample's condition tokens (ComfyUI itself uses one condition).
         """
         cfg, dtype, out_dtype = self.config, self.dtype, x.dtype
-        b, _, h, w = x.shape
         # 1. Check the inputs: broadcasting hints over the batch is the stack's job, not ours.
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise self._bad(f"latent must be B x {cfg.in_channels} x h x w, got {tuple(x.shape)}")
+        b, _, h, w = x.shape
+        types = self._check_types(control_types)
+        n_cond = max(1, len(types))
         if encoded_hint is None:
             if hint is None:
                 raise self._bad("forward needs a hint or an encoded_hint")
-            if hint.shape[0] != b or tuple(hint.shape[2:]) != (8 * h, 8 * w):
-                raise self._bad(
-                    f"hint shape {tuple(hint.shape)} does not fit latent {tuple(x.shape)}: expected "
-                    f"{b} x {cfg.hint_channels} x {8 * h} x {8 * w} (8 x latent, same batch)"
-                )
-            encoded_hint = self.encode_hint(hint)
-        elif tuple(encoded_hint.shape) != (b, cfg.model_channels, h, w):
-            raise self._bad(
-                f"encoded_hint shape {tuple(encoded_hint.shape)} does not fit latent {tuple(x.shape)}: "
-                f"expected {(b, cfg.model_channels, h, w)}"
-            )
+            hints = list(hint) if isinstance(hint, (list, tuple)) else [hint]
+            self._check_count(len(hints), n_cond, "hint")
+            for one in hints:
+                if one.ndim != 4 or one.shape[0] != b or tuple(one.shape[2:]) != (8 * h, 8 * w):
+                    raise self._bad(
+                        f"hint shape {tuple(one.shape)} does not fit latent {tuple(x.shape)}: expected "
+                        f"{b} x {cfg.hint_channels} x {8 * h} x {8 * w} (8 x latent, same batch)"
+                    )
+            encoded = [self.encode_hint(one) for one in hints]
+        else:
+            encoded = list(encoded_hint) if isinstance(encoded_hint, (list, tuple)) else [encoded_hint]
+            self._check_count(len(encoded), n_cond, "encoded_hint")
+            for one in encoded:
+                if tuple(one.shape) != (b, cfg.model_channels, h, w):
+                    raise self._bad(
+                        f"encoded_hint shape {tuple(one.shape)} does not fit latent {tuple(x.shape)}: "
+                        f"expected {(b, cfg.model_channels, h, w)}"
+                    )
+        scales = [1.0] * n_cond if condition_scales is None else [float(s) for s in condition_scales]
+        if len(types) > 1 and len(scales) != n_cond:
+            raise self._bad(f"{n_cond} control types need {n_cond} condition_scales, got {len(scales)}")
         if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
             raise self._bad(f"context must be B x tokens x {cfg.context_dim}, got {tuple(context.shape)}")
         if (y is None) != (cfg.adm_in_channels is None):
             raise self._bad("SDXL ControlNets need y (the adm vector); SD1.x/2.x ones take none")
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(b)
 
-        # 2. Time (and SDXL label) embedding.
+        # 2. Time (Union: control type, SDXL: label) embedding; ComfyUI and diffusers add in this order.
         emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels).to(dtype))
+        if self.kind == "union":
+            emb = emb + self.control_add_embedding(types, dtype, x.device)
         if y is not None:
             emb = emb + self.label_emb(y.to(dtype))
 
-        # 3. Encoder copy; the encoded hint is added once, right after conv_in (input_blocks[0]).
-        x, context, encoded_hint = x.to(dtype), context.to(dtype), encoded_hint.to(dtype)
+        # 3. Encoder copy; the (fused) hint is added once, right after conv_in (input_blocks[0]).
+        x, context = x.to(dtype), context.to(dtype)
+        encoded = [e.to(dtype) for e in encoded]
         residuals = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
             x = block(x, emb, context)
             if i == 0:
-                x = x + encoded_hint
+                if types:
+                    x = x + self._fuse(encoded, types, scales, x, latent_token, over_batch=latent_token)
+                else:
+                    x = x + encoded[0]
             residuals.append(zero_conv(x, emb, context).to(out_dtype))
 
         # 4. Middle block and its zero conv.
         x = self.middle_block(x, emb, context)
         residuals.append(self.middle_block_out(x, emb, context).to(out_dtype))
         return residuals
+
+    def _check_types(self, control_types: Sequence[int] | None) -> list[int]:
+        types = [] if control_types is None else list(control_types)
+        if self.kind != "union":
+            if types:
+                raise self._bad(
+                    f"control types {types} only apply to ControlNet Union / ProMax models; this is a classic "
+                    "ControlNet (no task_embedding)"
+                )
+            return types
+        n = self.config.union_num_control_types
+        for t in types:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise self._bad(f"control type ids are integers 0..{n - 1}, got {t!r}")
+            if t >= n:
+                if t in UNION_TYPE_NAMES and t >= 6:  # tile / repaint: ProMax-only
+                    need = f"needs a ProMax file with {len(UNION_TYPE_NAMES)} control types"
+                else:
+                    need = "is out of range"
+                raise self._bad(f"{union_type_label(t)} {need}; this file has {n} (ids 0..{n - 1})")
+        return types
+
+    def _check_count(self, got: int, want: int, what: str) -> None:
+        if got != want:
+            n = f"{want} control types" if self.kind == "union" and want > 1 else "this forward"
+            raise self._bad(f"{n} need(s) {want} {what}(s), got {got}")
+
+    def _fuse(
+        self,
+        conditions: list[torch.Tensor],
+        types: list[int],
+        scales: list[float],
+        latent: torch.Tensor,
+        latent_token: bool,
+        over_batch: bool,
+    ) -> torch.Tensor:
+        """Union condition fusion: what is added to ``h`` after conv_in.
+
+        xinsir6/ControlNetPlus ``ControlNetModel_Union.forward`` section 2 / diffusers
+        ``ControlNetUnionModel.forward`` "pre-process", and ComfyUI's ``union_controlnet_merge``. Each
+        condition becomes one token (its mean feature plus its type's task embedding); the fusion transformer
+        mixes them and ``spatial_ch_projs`` turns each condition's token into a per-channel offset.
+        ``over_batch``: attend over dim 0 like the reference's non-batch-first ``nn.MultiheadAttention``
+        (each token position separately); otherwise over each sample's tokens (ComfyUI).
+        """
+        multi = len(conditions) > 1  # one condition: the caller scales the residuals instead
+        feats, conds = [], []
+        for cond, t, s in zip(conditions, types, scales, strict=True):
+            feat = cond.mean(dim=(2, 3)) + self.task_embedding[t].to(cond.dtype)
+            feats.append(feat * s if multi else feat)
+            conds.append(cond * s if multi else cond)
+        if latent_token:
+            feats.append(latent.mean(dim=(2, 3)))
+        tokens = torch.stack(feats, dim=1)  # B x N x C
+        if over_batch:
+            tokens = self.transformer_layes(tokens.transpose(0, 1)).transpose(0, 1)
+        else:
+            tokens = self.transformer_layes(tokens)
+        fused = torch.zeros_like(latent)
+        for i, (cond, s) in enumerate(zip(conds, scales, strict=True)):
+            alpha = self.spatial_ch_projs(tokens[:, i])[:, :, None, None]
+            fused = fused + cond + (alpha * s if multi else alpha)
+        return fused
 
 
 def build_controlnet(

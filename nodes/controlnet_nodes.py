@@ -6,12 +6,15 @@ import folder_paths
 import torch
 
 from ..controlnet import ControlNetError
+from ..controlnet.union import UNION_TYPES
 from ..preprocessors.resize import RESIZE_MODES
 from . import patcher
 from .ui import hint_preview_sender, render_report, save_temp_images
 
 CATEGORY = "ControlStack"
 LAYERS = [f"in_{i:02d}" for i in range(12)] + ["middle"]
+UNION_FUSIONS = {"reference": True, "ComfyUI built-in": False}
+"""Union fusion maths -> StackEntry.latent_token."""
 SCALE_MODES = {
     "balanced": "balanced",
     "prompt is more important": "prompt",
@@ -27,9 +30,10 @@ def layer_names(num_residuals: int) -> list[str]:
 
 class LoadControlNet:
     DESCRIPTION = (
-        "Load a ControlNet from the controlnet models folder: SD1.x, SD2.x or SDXL; original, diffusers or "
-        "'difference' layouts (connect the base model for those); .safetensors, .pth, .ckpt or .bin. Pickles "
-        "never run code."
+        "Load a control file from the controlnet models folder: ControlNets (SD1.x, SD2.x, SDXL; original, "
+        "diffusers or 'difference' layouts), ControlNet Union / ProMax, Control-LoRAs, T2I-Adapters and "
+        "ControlNet-LLLite; .safetensors, .pth, .ckpt or .bin. The kind is read from the tensors. Pickles never "
+        "run code."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CS_CONTROLNET",)
@@ -51,7 +55,9 @@ class LoadControlNet:
                 "model": (
                     "MODEL",
                     {
-                        "tooltip": "The base model: needed only for 'difference' ControlNets (ControlNet - base UNet)."
+                        "tooltip": "The base model, for 'difference' ControlNets (ControlNet - base UNet) and "
+                        "Control-LoRAs (built from the model's own UNet). Optional for Control-LoRAs: without it they "
+                        "are merged with the model they are applied to."
                     },
                 )
             },
@@ -68,8 +74,10 @@ class LoadControlNet:
 
 class ApplyHint:
     DESCRIPTION = (
-        "Stack a ControlNet onto a MODEL: its residuals are added to the UNet's skip connections while sampling "
-        "from start_percent to end_percent. Chain several to stack any number of ControlNets."
+        "Stack a control file onto a MODEL while sampling from start_percent to end_percent: ControlNet, Union, "
+        "Control-LoRA residuals go to the UNet's skip connections, T2I-Adapter features to its input blocks, LLLite "
+        "terms to its attention inputs. Chain several to stack any number, of any kinds. Hints of one Union model "
+        "(typed with ControlNet Union Type) with the same window, scales and mask run as one multi-condition pass."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
@@ -149,6 +157,7 @@ class ApplyHint:
             raise ControlNetError(
                 f"start_percent ({start_percent}) must not be after end_percent ({end_percent})"
             )
+        control_net = patcher.resolve_for_model(control_net, model)
         mode, layer_scales = "balanced", None
         if scales is not None:
             mode = scales["mode"]
@@ -185,6 +194,49 @@ def hint_to_bchw(image: torch.Tensor) -> torch.Tensor:
     elif image.shape[-1] == 4:
         image = image[..., :3] * image[..., 3:]
     return image.movedim(-1, 1).float().clamp(0, 1).contiguous()
+
+
+class UnionType:
+    DESCRIPTION = (
+        "Give a ControlNet Union / ProMax model the control type of the hint it is applied with (like ComfyUI's "
+        "SetUnionControlNetType). Apply several typed copies of one Union model with Apply ControlNet Hint: hints with "
+        "the same window, scales and mask run in ONE forward (ProMax multi-condition), each with its own strength. "
+        "tile and repaint need a ProMax file."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CS_CONTROLNET",)
+    RETURN_NAMES = ("control_net",)
+    FUNCTION = "set_type"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "control_net": ("CS_CONTROLNET", {"tooltip": "A ControlNet Union / ProMax model."}),
+                "control_type": (
+                    ["auto", *UNION_TYPES],
+                    {"tooltip": "What the hint shows. auto: no type (the model guesses), as ComfyUI's built-in."},
+                ),
+            },
+            "optional": {
+                "fusion": (
+                    list(UNION_FUSIONS),
+                    {
+                        "tooltip": "reference: the model's own maths (xinsir / diffusers: the noisy latent is a token "
+                        "of the fusion transformer). ComfyUI built-in: without that token, to reproduce the built-in "
+                        "node's images."
+                    },
+                ),
+            },
+        }
+
+    def set_type(self, control_net, control_type, fusion="reference"):
+        if control_type != "auto" and control_type not in UNION_TYPES:
+            raise ControlNetError(f"control_type: expected auto or one of {list(UNION_TYPES)}, got {control_type!r}")
+        if fusion not in UNION_FUSIONS:
+            raise ControlNetError(f"fusion: expected one of {list(UNION_FUSIONS)}, got {fusion!r}")
+        union_type = None if control_type == "auto" else UNION_TYPES[control_type]
+        return (patcher.with_union_type(control_net, union_type, UNION_FUSIONS[fusion]),)
 
 
 class ControlScale:
@@ -282,11 +334,13 @@ NODE_CLASS_MAPPINGS = {
     "ControlStackLoadControlNet": LoadControlNet,
     "ControlStackApplyHint": ApplyHint,
     "ControlStackControlScale": ControlScale,
+    "ControlStackUnionType": UnionType,
     "ControlStackSampler": Sampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ControlStackLoadControlNet": "Load ControlNet (ControlStack)",
     "ControlStackApplyHint": "Apply ControlNet Hint (ControlStack)",
     "ControlStackControlScale": "ControlNet Layer Scales (ControlStack)",
+    "ControlStackUnionType": "ControlNet Union Type (ControlStack)",
     "ControlStackSampler": "KSampler + Control Report (ControlStack)",
 }

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import torch
 
-from ..controlnet import ControlNetError, load_controlnet
-from ..controlnet.stack import ResidualStack, StackEntry
+from ..controlnet import ControlNetError
+from ..controlnet.control_lora import control_lora_family
+from ..controlnet.kinds import KIND_NAMES, file_kind, load_control
+from ..controlnet.loading import read_tensors
+from ..controlnet.stack import ResidualStack, StackEntry, StepControl, kind_of
 from ..preprocessors.resize import fit_image, fit_mask
 
 log = logging.getLogger(__name__)
@@ -38,47 +42,105 @@ FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 @dataclass(frozen=True, eq=False)
 class HostControlNet:
-    """What LoadControlNet hands to ApplyHint: the ControlNet module and the host's ModelPatcher around it."""
+    """What LoadControlNet hands to ApplyHint: a control module and the host's ModelPatcher around it.
 
-    module: torch.nn.Module
-    patcher: comfy.model_patcher.ModelPatcher
+    A Control-LoRA loaded without a MODEL is *pending* (`module` None): it is merged with the model it is applied to,
+    once per model (`merged`), because its ControlNet is that model's own encoder weights plus the file's deltas.
+    """
+
+    module: torch.nn.Module | None
+    patcher: comfy.model_patcher.ModelPatcher | None
     name: str
+    kind: str = "controlnet"
+    source: object = None
+    """The file path of a pending Control-LoRA."""
+    union_type: int | None = None
+    latent_token: bool = True
+    merged: dict = field(default_factory=dict)
+    """Pending Control-LoRA: id(base UNet) -> (weak ref to the UNet, merged HostControlNet)."""
 
     @property
     def family(self) -> str:
+        assert self.module is not None
         return self.module.family
 
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES.get(self.kind, self.kind)
 
-def load_host_controlnet(source, name: str | None = None, base_model=None) -> HostControlNet:
-    """Load a ControlNet (file path or state dict) for the host: in the dtype the host picks for UNets, on the
-    offload device; the host's model management moves it to the GPU while sampling. `base_model` (a MODEL) gives
-    the base UNet weights that "difference" ControlNets need."""
-    name = name or os.path.basename(str(source))
+
+def _host_dtype() -> torch.dtype:
+    """The dtype the host would store an SD1.5-sized UNet in, or the compute dtype where it casts per layer."""
     params = 361_279_120  # an SD1.5 ControlNet; only steers the host's dtype choice
     dtype = comfy.model_management.unet_dtype(
         model_params=params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]
     )
     # Where the host stores UNet weights in a dtype the device cannot compute in (fp16 on a CPU), it casts per
-    # layer; our ControlNet has no per-layer casting, so it is loaded in the compute dtype instead.
+    # layer; our modules have no per-layer casting, so they are loaded in the compute dtype instead.
     compute_dtype = comfy.model_management.unet_manual_cast(dtype, comfy.model_management.get_torch_device())
-    dtype = compute_dtype or dtype
-    base_unet = None
-    if base_model is not None:
-        base_unet = base_model.model_state_dict(filter_prefix="diffusion_model.")
-    module = load_controlnet(
-        source,
-        dtype=dtype,
-        device=comfy.model_management.unet_offload_device(),
-        name=name,
-        base_unet=base_unet,
-    )
+    return compute_dtype or dtype
+
+
+def _wrap(module: torch.nn.Module, name: str, **kw) -> HostControlNet:
     module.eval().requires_grad_(False)
     patcher = comfy.model_patcher.ModelPatcher(
         module,
         load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device(),
     )
-    return HostControlNet(module, patcher, name)
+    return HostControlNet(module, patcher, name, kind=kind_of(module), **kw)
+
+
+def load_host_controlnet(source, name: str | None = None, base_model=None) -> HostControlNet:
+    """Load any control file (ControlNet, Union, Control-LoRA, T2I-Adapter, LLLite) for the host: in the dtype the
+    host picks for UNets, on the offload device; the host's model management moves it to the GPU while sampling.
+    `base_model` (a MODEL) gives the base UNet weights that "difference" ControlNets and Control-LoRAs need; a
+    Control-LoRA loaded without it is merged when it is applied to a model."""
+    name = name or os.path.basename(str(source))
+    kind = file_kind(source, name)
+    if kind == "control_lora" and base_model is None:
+        return HostControlNet(None, None, name, kind="control_lora", source=source)
+    base_unet = None
+    if base_model is not None and kind in ("controlnet", "control_lora"):
+        if kind == "control_lora":
+            _check_control_lora_family(source, name, base_model)
+        base_unet = base_model.model_state_dict(filter_prefix="diffusion_model.")
+    module = load_control(
+        source,
+        dtype=_host_dtype(),
+        device=comfy.model_management.unet_offload_device(),
+        name=name,
+        base_unet=base_unet,
+    )
+    return _wrap(module, name)
+
+
+def _check_control_lora_family(source, name: str, model) -> None:
+    family, model_name = model_family(model)
+    lora_family = control_lora_family(read_tensors(source, name).shapes)
+    if family != lora_family:
+        raise ControlNetError(
+            f"control_net: '{name}' is a Control-LoRA for {FAMILY_NAMES.get(lora_family, lora_family)}, but the model "
+            f"is {FAMILY_NAMES.get(family or '', 'not an SD1.x / SD2.x / SDXL UNet')} ({model_name}): pick a "
+            "Control-LoRA made for this model"
+        )
+
+
+def resolve_for_model(controlnet: HostControlNet, model) -> HostControlNet:
+    """The HostControlNet to apply to `model`: a pending Control-LoRA is merged with the model's UNet (once per
+    model), everything else is returned as is."""
+    if controlnet.module is not None:
+        return controlnet
+    unet = model.model.diffusion_model
+    hit = controlnet.merged.get(id(unet))
+    if hit is not None and hit[0]() is unet:
+        return hit[1]
+    _check_control_lora_family(controlnet.source, controlnet.name, model)
+    merged = load_host_controlnet(controlnet.source, controlnet.name, base_model=model)
+    merged = replace(merged, union_type=controlnet.union_type, latent_token=controlnet.latent_token)
+    controlnet.merged.clear()  # keep one merged copy: a new model replaces the previous one
+    controlnet.merged[id(unet)] = (weakref.ref(unet), merged)
+    return merged
 
 
 def model_family(model: comfy.model_patcher.ModelPatcher) -> tuple[str | None, str]:
@@ -87,7 +149,9 @@ def model_family(model: comfy.model_patcher.ModelPatcher) -> tuple[str | None, s
     unet = config.unet_config
     name = type(config).__name__
     context = unet.get("context_dim")
-    if unet.get("in_channels") == 4 and unet.get("model_channels") == 320:
+    # 4 latent channels, or 9 / 8 for inpainting / instruct-pix2pix UNets, which concatenate a mask and an image
+    # latent to the input: the ControlNet still sees the 4-channel latent (the wrapper runs before the concat).
+    if unet.get("in_channels") in (4, 8, 9) and unet.get("model_channels") == 320:
         if context == 768 and not unet.get("adm_in_channels"):
             return "sd1", name
         if context == 1024 and not unet.get("adm_in_channels"):
@@ -115,16 +179,24 @@ def apply_hint(
     entry_args: dict,
     preview: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
 ) -> comfy.model_patcher.ModelPatcher:
-    """A clone of `model` whose stack has one more entry. Refuses a ControlNet that does not fit the model."""
+    """A clone of `model` whose stack has one more entry. Refuses a control file that does not fit the model."""
     family, model_name = model_family(model)
-    if family != controlnet.family:
+    controlnet = resolve_for_model(controlnet, model)
+    assert controlnet.module is not None and controlnet.patcher is not None
+    fits = getattr(controlnet.module, "families", (controlnet.family,))
+    if family not in fits:
         raise ControlNetError(
-            f"control_net: '{controlnet.name}' is an {FAMILY_NAMES[controlnet.family]} ControlNet, but the model is "
-            f"{FAMILY_NAMES.get(family or '', 'not an SD1.x / SD2.x / SDXL UNet')} ({model_name}): "
-            f"pick a ControlNet made for this model"
+            f"control_net: '{controlnet.name}' is an {FAMILY_NAMES[controlnet.family]} {controlnet.kind_name}, but "
+            f"the model is {FAMILY_NAMES.get(family or '', 'not an SD1.x / SD2.x / SDXL UNet')} ({model_name}): "
+            f"pick a control file made for this model"
         )
     stack, previews = _stack_of(model)
-    entry = StackEntry(controlnet=controlnet.module, **entry_args)
+    entry = StackEntry(
+        controlnet=controlnet.module,
+        union_type=controlnet.union_type,
+        latent_token=controlnet.latent_token,
+        **entry_args,
+    )
     stack = stack.with_entry(entry)
     previews = dict(previews)
     if preview is not None:
@@ -138,6 +210,23 @@ def apply_hint(
     models = [m for m in patched.get_additional_models_with_key(KEY) if m.model is not controlnet.module]
     patched.set_additional_models(KEY, [*models, controlnet.patcher])
     return patched
+
+
+def with_union_type(controlnet: HostControlNet, union_type: int | None, latent_token: bool) -> HostControlNet:
+    """The same Union model with a control type for the hints it is applied with (None: "auto")."""
+    if controlnet.kind not in ("union",):
+        raise ControlNetError(
+            f"control_net: '{controlnet.name}' is a {controlnet.kind_name}; a control type only applies to "
+            "ControlNet Union / ProMax files"
+        )
+    types = getattr(controlnet.module, "config", None)
+    rows = getattr(types, "union_num_control_types", None)
+    if union_type is not None and rows is not None and union_type >= rows:
+        raise ControlNetError(
+            f"control_type: type {union_type} needs a ProMax file with at least {union_type + 1} control types; "
+            f"'{controlnet.name}' has {rows}"
+        )
+    return replace(controlnet, union_type=union_type, latent_token=latent_token)
 
 
 class StackWrapper:
@@ -167,19 +256,23 @@ class StackWrapper:
         sampling = base_model.model_sampling
         dtype = base_model.manual_cast_dtype or base_model.get_dtype()
         xc = sampling.calculate_input(t, x).to(dtype)
-        residuals = None
         if len(self.stack):
-            residuals = self.stack.residuals(
+            sigma = float(t[0])
+            cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
+            step = self.stack.control(
                 xc,
                 sampling.timestep(t).float(),
                 c_crossattn.to(device=xc.device, dtype=dtype),
                 _to(kwargs.get("y"), xc),
-                sigma=float(t[0]),
-                cond_or_uncond=transformer_options.get("cond_or_uncond") or [0],
+                sigma=sigma,
+                cond_or_uncond=cond_or_uncond,
                 out_dtype=dtype,
             )
-        if residuals is not None:
-            control = merge_control(control, residuals)
+            if step is not None:
+                control = merge_control(control, step)
+            patch = self.stack.attention_patch(xc, sigma=sigma, cond_or_uncond=cond_or_uncond)
+            if patch is not None:
+                transformer_options = with_attention_patch(transformer_options, patch)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     def _fit(self, entry: StackEntry, kind: str, height: int, width: int) -> torch.Tensor:
@@ -200,13 +293,54 @@ def _to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.to(device=like.device, dtype=like.dtype)
 
 
-def merge_control(control: dict | None, residuals: list[torch.Tensor]) -> dict:
-    """Add ControlStack's residuals to a `control` dict the built-in path may already have made.
+def with_attention_patch(transformer_options: dict, patch) -> dict:
+    """A copy of `transformer_options` whose attention-input patches include `patch` (LLLite), for this call only.
 
-    The UNet pops from the end of each list (deepest skip first), so "output" is ordered shallow -> deep. Lists are
-    always new: the UNet's pops must never empty buffers that the stack reuses across steps.
+    ComfyUI's BasicTransformerBlock calls every `attn1_patch` / `attn2_patch` with the normed hidden states, the
+    key and value inputs and `extra_options` (the block, the transformer index, the activation shape) before it
+    projects q, k and v. Copies, never mutation: the options dict is shared by every call of the run.
     """
-    ours = {"input": [], "middle": [residuals[-1]], "output": list(residuals[:-1])}
+
+    def attn1(n, context, value, extra):
+        return patch(
+            "attn1",
+            extra.get("block"),
+            extra.get("block_index", 0),
+            n,
+            context,
+            value,
+            extra.get("activations_shape"),
+        )
+
+    def attn2(n, context, value, extra):
+        return patch(
+            "attn2",
+            extra.get("block"),
+            extra.get("block_index", 0),
+            n,
+            context,
+            value,
+            extra.get("activations_shape"),
+        )
+
+    options = dict(transformer_options)
+    patches = {k: list(v) for k, v in options.get("patches", {}).items()}
+    patches["attn1_patch"] = [*patches.get("attn1_patch", []), attn1]
+    patches["attn2_patch"] = [*patches.get("attn2_patch", []), attn2]
+    options["patches"] = patches
+    return options
+
+
+def merge_control(control: dict | None, step: StepControl) -> dict:
+    """Add ControlStack's control to a `control` dict the built-in path may already have made.
+
+    The UNet pops from the end of each list: "output" is ordered shallow -> deep (the deepest skip is used first),
+    "input" is ordered deep -> shallow (block 0 pops first). Lists are always new: the UNet's pops must never empty
+    buffers that the stack reuses across steps.
+    """
+    ours = {"output": list(step.output), "middle": [step.middle]}
+    if any(t is not None for t in step.input):
+        ours["input"] = list(reversed(step.input))
     if not control:
         return ours
     merged = {}

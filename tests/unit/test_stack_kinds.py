@@ -103,9 +103,8 @@ def test_control_type_only_for_union(cn):
 
 @pytest.fixture(scope="module")
 def lllite():
-    from test_lllite import SMALL, make_file
-
     from controlstack.controlnet.lllite import load_lllite
+    from test_lllite import SMALL, make_file
 
     return load_lllite(make_file(SMALL, seed=3), "lllite.safetensors")
 
