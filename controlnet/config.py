@@ -135,9 +135,11 @@ def preset(family: str, union_num_control_types: int | None = None) -> ControlNe
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "state dict") -> ControlNetConfig:
     """Infer the configuration from bare ldm key names and tensor shapes."""
 
+    what = "ControlNet Union" if "task_embedding" in shapes else "ControlNet"
+
     def need(key: str) -> tuple[int, ...]:
         if key not in shapes:
-            raise ControlNetError(f"{name}: ControlNet tensor {key!r} is missing")
+            raise ControlNetError(f"{name}: {what} tensor {key!r} is missing")
         return tuple(shapes[key])
 
     model_channels, in_channels = need("input_blocks.0.0.weight")[:2]
@@ -176,11 +178,17 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "state
 
     attn_keys = sorted(k for k in shapes if k.endswith(".attn2.to_k.weight"))
     proj_keys = [k for k in shapes if k.endswith(".proj_in.weight")]
-    if not attn_keys or not proj_keys:
-        raise ControlNetError(f"{name}: no cross-attention found; not a Stable Diffusion ControlNet")
-    context_dim = shapes[attn_keys[0]][1]
-    use_linear = len(shapes[proj_keys[0]]) == 2
     adm = shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None
+    if attn_keys and proj_keys:
+        context_dim = shapes[attn_keys[0]][1]
+        use_linear = len(shapes[proj_keys[0]]) == 2
+    elif adm is not None:
+        # SDXL ControlNets without any transformer block (ComfyUI's "SDXL_small_cnet": at most a middle
+        # SpatialTransformer of depth 0) never read the text context; SDXL's width keeps forward's check.
+        context_dim = 2048
+        use_linear = len(shapes[proj_keys[0]]) == 2 if proj_keys else True
+    else:
+        raise ControlNetError(f"{name}: no cross-attention found; not a Stable Diffusion ControlNet")
 
     # Family from structure: SDXL has the adm vector, SD2.x linear projections, SD1.x neither.
     family = "sdxl" if adm is not None else "sd2" if use_linear else "sd1"

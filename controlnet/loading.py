@@ -101,6 +101,8 @@ def _read_pickle(path: Path, name: str) -> _Tensors:
         raise ControlNetError(f"{name}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # Lightning .ckpt
         obj = obj["state_dict"]
+    if isinstance(obj, Mapping) and isinstance(obj.get("adapter"), Mapping):  # TencentARC's T2I-Adapter .pth
+        obj = obj["adapter"]
     if not isinstance(obj, Mapping):
         raise ControlNetError(f"{name}: expected a state dict, found a {type(obj).__name__}")
     return _from_mapping(obj, name)

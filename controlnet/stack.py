@@ -683,6 +683,9 @@ class AttentionPatch:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if block is None:
             return q, k, v
+        # Every entry's term is computed from the original inputs and the terms are summed, like residuals: two
+        # stacked LLLites do not see each other's changes (chaining them as ComfyUI patches would).
+        q0, k0, v0 = q, k, v
         for idx, cond, row_mask in self.prepared:
             entry = self.stack.entries[idx]
             module = entry.controlnet
@@ -699,5 +702,10 @@ class AttentionPatch:
                 mult = m.flatten(2).transpose(1, 2) * scale  # B x (h*w) x 1, the token order of the UNet
             if row_mask is not None:
                 mult = row_mask.view(-1, 1, 1) * mult
-            q, k, v = module.apply(tuple(block), block_index, attn, q, k, v, cond, mult)
+            new = module.apply(tuple(block), block_index, attn, q0, k0, v0, cond, mult)
+            # untouched inputs come back as the same objects: keep them (and their identity) as they are
+            q, k, v = (
+                cur if out is orig else out if cur is orig else cur + (out - orig)
+                for cur, out, orig in zip((q, k, v), new, (q0, k0, v0), strict=True)
+            )
         return q, k, v
