@@ -240,8 +240,8 @@ def prepare_base(base_dir: Path | None = None) -> Path:
 def build_models(
     base_dir: Path | None = None, *, comfy_dir: Path | None = None, python: str | None = None
 ) -> dict[str, Path]:
-    """Write the seeded random SD1.5 checkpoint and the canny/depth/scribble ControlNets into
-    ``base_dir/models``. Idempotent (files carry their seed and format version in the safetensors header).
+    """Write the seeded random SD1.5 checkpoint and the canny/depth/scribble ControlNets (plus the SD1.5
+    T2I-Adapters of `build_control_files`) into ``base_dir/models``. Idempotent (files carry their seed and format version in the safetensors header).
     A freshly built checkpoint is loaded once with ComfyUI's own loader and must be detected as SD1.5.
     Returns {"checkpoint": path, "canny": path, "depth": path, "scribble": path}."""
     base_dir = prepare_base(base_dir)
@@ -251,7 +251,9 @@ def build_models(
     for name in CONTROLNETS:
         paths[name.rsplit("_", 1)[1].split(".")[0]] = models / "controlnet" / name
     if all(_random_model_ok(path, seed) for path, seed in zip(paths.values(), MODEL_SEEDS, strict=True)):
+        build_control_files(base_dir, "sd15", comfy_dir=comfy_dir, python=python)
         return paths
+    build_control_files(base_dir, "sd15", comfy_dir=comfy_dir, python=python)
     proc = _make_random_models(comfy_dir, models, python, "--check")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if result["built"]:
@@ -276,6 +278,7 @@ def build_sdxl_models(
     base_dir = prepare_base(base_dir)
     comfy_dir = resolve_comfy_dir(comfy_dir)
     _make_random_models(comfy_dir, base_dir / "models", python, "--sdxl")
+    build_control_files(base_dir, "sdxl", comfy_dir=comfy_dir, python=python)
     return base_dir
 
 
@@ -387,6 +390,7 @@ class ComfyServer:
         *,
         python: str | None = None,
         pack_dir: Path | str = REPO,
+        extra_packs: Iterable[Path | str] = (),
     ):
         self.comfy_dir = resolve_comfy_dir(comfy_dir)
         self.base_dir = resolve_base_dir(base_dir)
@@ -394,6 +398,8 @@ class ComfyServer:
         self.extra_args = list(extra_args)
         self.python = resolve_python(python)
         self.pack_dir = Path(pack_dir).resolve()
+        self.extra_packs = [Path(p).resolve() for p in extra_packs]
+        """More custom-node folders to load next to the pack (test-side reference nodes)."""
         self.run_dir = self.base_dir / "controlstack_run" / f"server-{self.port}"
         self.log_path = self.base_dir / "controlstack_logs" / f"comfyui-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -432,6 +438,8 @@ class ComfyServer:
         nodes_dir = self.run_dir / "custom_nodes"
         nodes_dir.mkdir(parents=True)
         (nodes_dir / PACK_NAME).symlink_to(self.pack_dir, target_is_directory=True)
+        for pack in self.extra_packs:
+            (nodes_dir / pack.name).symlink_to(pack, target_is_directory=True)
         # JSON is YAML; only custom_nodes: the models stay in BASE/models.
         yaml_text = f"controlstack:\n  custom_nodes: {json.dumps(str(nodes_dir))}\n"
         (self.run_dir / "extra_model_paths.yaml").write_text(yaml_text)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import host
 import pytest
+import requests
 
 ARTIFACTS = host.REPO / ".artifacts"
 
@@ -42,6 +43,32 @@ def comfy_server(request: pytest.FixtureRequest, host_models: dict[str, Path]) -
         server.stop()
         if request.session.testsfailed > failed_before:
             _dump_log(server, "session")
+
+
+REFERENCE_NODES = Path(__file__).resolve().parent / "reference_nodes"
+
+
+@pytest.fixture(scope="session")
+def sdxl_host(request: pytest.FixtureRequest, comfy_server: host.ComfyServer) -> Iterator[host.ComfyServer]:
+    """A second host for SDXL: full-size random SDXL checkpoint and ControlNet plus the random files of every other
+    control kind, in their own base directory, UNet weights stored fp16 (SDXL in fp32 would not fit next to the
+    SD1.5 host in a CI machine's RAM), with the test-side reference nodes loaded. The SD1.5 host drops its models
+    first. Session-scoped: the SDXL test modules (test_workflows' SDXL graphs, test_xl_kinds) share it."""
+    requests.post(comfy_server.url + "/free", json={"unload_models": True, "free_memory": True}, timeout=60)
+    base = host.build_sdxl_models()
+    server = host.ComfyServer(
+        base_dir=base,
+        extra_args=host.SDXL_SERVER_ARGS,
+        extra_packs=sorted(p for p in REFERENCE_NODES.iterdir() if p.is_dir()),
+    )
+    failed_before = request.session.testsfailed
+    server.start(timeout=300)
+    try:
+        yield server
+    finally:
+        server.stop()
+        if request.session.testsfailed > failed_before:
+            _dump_log(server, "sdxl-session")
 
 
 def _dump_log(server: host.ComfyServer, why: str) -> None:

@@ -13,10 +13,18 @@ CHECKPOINT = "controlstack_random_sd15.safetensors"
 _prefixes = itertools.count()
 
 
-def base_graph(hint: str, *, size: int = 64, steps: int = 4, seed: int = 7, batch: int = 1) -> dict[str, Any]:
+def base_graph(
+    hint: str,
+    *,
+    size: int = 64,
+    steps: int = 4,
+    seed: int = 7,
+    batch: int = 1,
+    checkpoint: str = CHECKPOINT,
+) -> dict[str, Any]:
     """Checkpoint, prompts, empty latent, a hint LoadImage ("6"), KSampler ("10") on node "1"'s MODEL, SaveLatent."""
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house by a lake", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
         "4": {

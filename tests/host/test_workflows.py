@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import host
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 API = sorted((REPO / "workflows" / "api").glob("*.json"))
-SDXL_MODELS = ("controlstack_random_sdxl.safetensors", "controlstack_random_sdxl_canny.safetensors")
+SDXL_MARKER = "controlstack_random_sdxl"
+"""Every random SDXL file (checkpoint, ControlNet, T2I, Control-LoRA, Union, LLLite) has this in its name."""
 
 
 def test_workflows_exist_for_every_issue_scenario():
@@ -25,6 +24,10 @@ def test_workflows_exist_for_every_issue_scenario():
         "controlstack_sdxl",
         "controlstack_sd15_canny_from_photo",
         "controlstack_sd15_canny_plus_scribble",
+        "controlstack_sd15_t2i_depth",
+        "controlstack_sdxl_union_promax",
+        "controlstack_sdxl_control_lora",
+        "controlstack_sdxl_lllite",
     } <= names
 
 
@@ -43,29 +46,14 @@ def test_workflow_matches_object_info(comfy_server, path):
 
 def _needs_sdxl(graph: dict) -> bool:
     return any(
-        v in SDXL_MODELS for node in graph.values() for v in node["inputs"].values() if isinstance(v, str)
+        SDXL_MARKER in v for node in graph.values() for v in node["inputs"].values() if isinstance(v, str)
     )
-
-
-@pytest.fixture(scope="module")
-def sdxl_server(comfy_server):
-    """A second host for the SDXL workflow: full-size random SDXL models in their own base directory, UNet weights
-    stored fp16 (SDXL in fp32 would not fit next to the SD1.5 host in a CI machine's RAM). The SD1.5 host drops its
-    models first."""
-    requests.post(comfy_server.url + "/free", json={"unload_models": True, "free_memory": True}, timeout=60)
-    base = host.build_sdxl_models()
-    server = host.ComfyServer(base_dir=base, extra_args=host.SDXL_SERVER_ARGS)
-    server.start(timeout=300)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
 def test_workflow_runs_and_writes_images(request, comfy_server, path):
     graph = json.loads(path.read_text())
-    server = request.getfixturevalue("sdxl_server") if _needs_sdxl(graph) else comfy_server
+    server = request.getfixturevalue("sdxl_host") if _needs_sdxl(graph) else comfy_server
     server.upload_inputs(sorted((REPO / "workflows" / "inputs").glob("*.png")))
     entry = server.run(graph, timeout=900)
     images = server.output_images(entry)
