@@ -145,3 +145,33 @@ def load_control(
 def _is_decoder(key: str) -> bool:
     # Only the encoder half of a UNet is a ControlNet's; skip reading the decoder's weights.
     return ".output_blocks." in f".{key}" or key.startswith(("out.", "diffusion_model.out."))
+
+
+def describe_file(source: Source, name: str | None = None) -> dict[str, str]:
+    """{"kind", "kind_name", "family"} of a control file from its tensor names and shapes only (no tensor data is
+    read): what the frontend shows on Load ControlNet before anything runs. "family" is "" where the file alone does
+    not tell (it always does for the published layouts)."""
+    t = read_tensors(_unwrap_adapter(source, name), name)
+    kind = detect_kind(t.shapes, t.name)
+    family = ""
+    if kind == "controlnet":
+        from .config import config_from_shapes
+        from .convert import to_ldm_keys
+
+        _, keymap = to_ldm_keys(t.shapes, t.name)
+        config = config_from_shapes({k: t.shapes[src] for k, src in keymap.items()}, t.name)
+        family = config.family
+        if getattr(config, "union_num_control_types", None):
+            kind = "union"
+    elif kind == "control_lora":
+        from .control_lora import control_lora_family
+
+        family = control_lora_family(t.shapes, t.name)
+    elif kind == "lllite":
+        family = "sdxl"
+    elif kind == "t2i_adapter":
+        conv_in = next(
+            (s for k, s in t.shapes.items() if k.endswith(("conv_in.weight", "body.0.in_conv.weight"))), None
+        )
+        family = "sdxl" if conv_in is not None and conv_in[1] in (256, 768) else "sd1"
+    return {"kind": kind, "kind_name": KIND_NAMES[kind], "family": family}

@@ -215,7 +215,9 @@ class UnionType:
                 "control_net": ("CS_CONTROLNET", {"tooltip": "A ControlNet Union / ProMax model."}),
                 "control_type": (
                     ["auto", *UNION_TYPES],
-                    {"tooltip": "What the hint shows. auto: no type (the model guesses), as ComfyUI's built-in."},
+                    {
+                        "tooltip": "What the hint shows. auto: no type (the model guesses), as ComfyUI's built-in."
+                    },
                 ),
             },
             "optional": {
@@ -232,7 +234,9 @@ class UnionType:
 
     def set_type(self, control_net, control_type, fusion="reference"):
         if control_type != "auto" and control_type not in UNION_TYPES:
-            raise ControlNetError(f"control_type: expected auto or one of {list(UNION_TYPES)}, got {control_type!r}")
+            raise ControlNetError(
+                f"control_type: expected auto or one of {list(UNION_TYPES)}, got {control_type!r}"
+            )
         if fusion not in UNION_FUSIONS:
             raise ControlNetError(f"fusion: expected one of {list(UNION_FUSIONS)}, got {fusion!r}")
         union_type = None if control_type == "auto" else UNION_TYPES[control_type]

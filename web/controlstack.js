@@ -5,6 +5,9 @@
 // - ControlStackApplyHint: shows the hint actually used (server event `controlstack.hint_preview`), is coloured by
 //   its position in the stack (1st, 2nd, 3rd ... along the MODEL chain) and carries a "#k" badge.
 // - ControlStackSampler: its control report comes back as normal ui.images; the frontend shows it like any output.
+// - ControlStackLoadControlNet: a badge with the file's kind and family (GET /controlstack/describe, read from the
+//   tensor names, no weights) as soon as a file is picked, and a colour per kind; ApplyHint repeats the kind of the
+//   control file it is fed in its "#k" badge.
 // - Tooltips on every ControlStack widget (from the node definition, with fallbacks written here).
 // Nothing here talks to anything but the ComfyUI server that served the page.
 
@@ -16,6 +19,8 @@ const SCALE_NODE = "ControlStackControlScale";
 const HINT_NODE = "ControlStackApplyHint";
 const SAMPLER_NODE = "ControlStackSampler";
 const HINT_EVENT = "controlstack.hint_preview";
+const LOAD_NODE = "ControlStackLoadControlNet";
+const UNION_NODE = "ControlStackUnionType";
 
 export const LAYERS = [
   "in_00", "in_01", "in_02", "in_03", "in_04", "in_05",
@@ -349,6 +354,77 @@ function queueRecolor() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Control-file kind badges and colours
+// ---------------------------------------------------------------------------------------------------------------
+
+export const KIND_COLORS = {
+  controlnet: ["#2a4d6e", "#1f3a52"],
+  union: ["#6e4a2a", "#523720"],
+  control_lora: ["#4d2a6e", "#3a1f52"],
+  t2i_adapter: ["#2a6e4a", "#1f5237"],
+  lllite: ["#6e2a4d", "#521f3a"],
+  unsupported: ["#6e2a2a", "#521f1f"],
+};
+const KIND_PALETTE = new Set(Object.values(KIND_COLORS).flat());
+const describeCache = new Map();
+
+/** The kind of a control file as the server reads it: {kind, kind_name, family_name} (cached per file name). */
+export async function describeControlFile(name) {
+  if (!name) return null;
+  if (!describeCache.has(name)) {
+    describeCache.set(
+      name,
+      api
+        .fetchApi(`/controlstack/describe?name=${encodeURIComponent(name)}`)
+        .then((r) => r.json())
+        .catch(() => null),
+    );
+  }
+  return describeCache.get(name);
+}
+
+/** A short badge text: "T2I-Adapter · SD1.x". */
+export function kindBadge(info) {
+  if (!info || !info.kind_name) return "";
+  return info.family_name ? `${info.kind_name} · ${info.family_name}` : info.kind_name;
+}
+
+async function refreshKind(node) {
+  const widget = node.widgets?.find((w) => w.name === "control_net_name");
+  const info = await describeControlFile(widget?.value);
+  node.csKind = info ?? null;
+  const ours = (node.color === undefined || KIND_PALETTE.has(node.color)) &&
+    (node.bgcolor === undefined || KIND_PALETTE.has(node.bgcolor));
+  if (info && ours && KIND_COLORS[info.kind]) [node.color, node.bgcolor] = KIND_COLORS[info.kind];
+  app.graph?.setDirtyCanvas?.(true, true);
+}
+
+/** The Load ControlNet node feeding an ApplyHint's control_net input (through Union Type and reroutes). */
+export function sourceLoader(node) {
+  let slot = node.findInputSlot?.("control_net") ?? -1;
+  let cur = node;
+  for (let guard = 0; guard < 32 && slot >= 0; guard++) {
+    const up = cur.getInputNode?.(slot);
+    if (!up) return null;
+    if (up.comfyClass === LOAD_NODE) return up;
+    cur = up;
+    slot = up.comfyClass === UNION_NODE ? up.findInputSlot?.("control_net") ?? -1 : up.type === "Reroute" ? 0 : -1;
+  }
+  return null;
+}
+
+function drawTitleBadge(node, ctx, text) {
+  if (!text || node.flags?.collapsed) return;
+  const H = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  ctx.save();
+  ctx.font = "bold 12px Arial";
+  ctx.textAlign = "right";
+  ctx.fillStyle = "#ddd";
+  ctx.fillText(text, node.size[0] - 8, -H * 0.32);
+  ctx.restore();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Hint preview (server event) and tooltips
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -449,15 +525,24 @@ app.registerExtension({
       const onDrawForeground = nodeType.prototype.onDrawForeground;
       nodeType.prototype.onDrawForeground = function (ctx, ...rest) {
         const r = onDrawForeground?.call(this, ctx, ...rest);
-        if (this.csStackIndex && !this.flags?.collapsed) {
-          const H = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
-          ctx.save();
-          ctx.font = "bold 12px Arial";
-          ctx.textAlign = "right";
-          ctx.fillStyle = "#ddd";
-          ctx.fillText(`#${this.csStackIndex}`, this.size[0] - 8, -H * 0.32);
-          ctx.restore();
+        if (this.csStackIndex) {
+          const kind = sourceLoader(this)?.csKind?.kind_name;
+          drawTitleBadge(this, ctx, kind ? `#${this.csStackIndex} · ${kind}` : `#${this.csStackIndex}`);
         }
+        return r;
+      };
+    }
+    if (cls === LOAD_NODE) {
+      const onDrawForeground = nodeType.prototype.onDrawForeground;
+      nodeType.prototype.onDrawForeground = function (ctx, ...rest) {
+        const r = onDrawForeground?.call(this, ctx, ...rest);
+        drawTitleBadge(this, ctx, kindBadge(this.csKind));
+        return r;
+      };
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function (...args) {
+        const r = onConfigure?.apply(this, args);
+        refreshKind(this);
         return r;
       };
     }
@@ -469,6 +554,18 @@ app.registerExtension({
     setTooltips(node, nodeDataByClass.get(cls));
     if (cls === SCALE_NODE) setupScaleNode(node);
     if (cls === HINT_NODE) queueRecolor();
+    if (cls === LOAD_NODE) {
+      const widget = node.widgets?.find((w) => w.name === "control_net_name");
+      if (widget) {
+        const callback = widget.callback;
+        widget.callback = function (...args) {
+          const r = callback?.apply(this, args);
+          refreshKind(node);
+          return r;
+        };
+      }
+      refreshKind(node);
+    }
   },
 
   async afterConfigureGraph() {
@@ -481,6 +578,9 @@ globalThis.ControlStackWeb = {
   presetValues,
   stackIndex,
   recolorStack,
+  describeControlFile,
+  kindBadge,
+  sourceLoader,
   chartGeometry(node) {
     const chart = node?.widgets?.find((w) => w.name === CHART_NAME);
     return chart ? chart.geometry() : null;
