@@ -143,7 +143,7 @@ class Timer:
     def install(self):
         from controlstack.controlnet.stack import ResidualStack
 
-        original = ResidualStack.residuals
+        original = ResidualStack.control
         timer = self
 
         def timed(self, *args, **kwargs):
@@ -152,7 +152,7 @@ class Timer:
             timer.durations.append(time.perf_counter() - t0)
             return out
 
-        ResidualStack.residuals = timed
+        ResidualStack.control = timed
         return original
 
 
@@ -237,7 +237,7 @@ def bench_family(comfy, family, size, steps, counts, repeats, device, rows):
             finally:
                 from controlstack.controlnet.stack import ResidualStack
 
-                ResidualStack.residuals = original
+                ResidualStack.control = original
             # median over calls = the steady state (each run's first call warms up and its second captures)
             host_ms = statistics.median(timer.durations) * 1e3 if timer.durations else float("nan")
             err = rel_err(out, ref)

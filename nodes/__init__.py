@@ -1,10 +1,12 @@
 """ComfyUI node registration: every node class of the pack, keyed by its unique `ControlStack...` id."""
 
-from . import routes  # noqa: F401  (registers the pack's HTTP routes)
+from . import routes
 from .controlnet_nodes import NODE_CLASS_MAPPINGS as _CONTROLNET_NODES
 from .controlnet_nodes import NODE_DISPLAY_NAME_MAPPINGS as _CONTROLNET_NAMES
 from .preprocessor_nodes import NODE_CLASS_MAPPINGS as _PREPROCESSOR_NODES
 from .preprocessor_nodes import NODE_DISPLAY_NAME_MAPPINGS as _PREPROCESSOR_NAMES
+
+routes.register()
 
 NODE_CLASS_MAPPINGS: dict = {**_CONTROLNET_NODES, **_PREPROCESSOR_NODES}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {**_CONTROLNET_NAMES, **_PREPROCESSOR_NAMES}

@@ -19,6 +19,7 @@ OUR_NODES = {
     "ControlStackLoadControlNet",
     "ControlStackApplyHint",
     "ControlStackControlScale",
+    "ControlStackUnionType",
     "ControlStackSampler",
 }
 

@@ -16,17 +16,19 @@ import host
 import pytest
 import torch
 
-sys.path.insert(0, str(host.resolve_comfy_dir()))
-from comfy.cli_args import args  # noqa: E402
-
-args.cpu = True
-import comfy.cldm.cldm  # noqa: E402
-
+# The pure layers first, before ComfyUI is importable: the pack's root __init__ then skips node registration
+# (which needs a running ComfyUI server module), and only comfy.cldm is compared here.
 sys.path.insert(0, str(host.REPO / "tests" / "unit"))
 from cn_helpers import randomize_, rel_err, sdxl_cond  # noqa: E402
 from controlstack.controlnet import ControlNetConfig, ControlNetError, build_controlnet  # noqa: E402
 from controlstack.controlnet.config import config_from_shapes  # noqa: E402
 from controlstack.controlnet.convert import diffusers_to_ldm, ldm_to_diffusers  # noqa: E402
+
+sys.path.insert(0, str(host.resolve_comfy_dir()))
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+import comfy.cldm.cldm  # noqa: E402
 
 TOL = 1e-4
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from cn_helpers import random_inputs, tiny_controlnet, to_diffusers_state_dict
 from controlstack.controlnet import ControlNetError, load_controlnet
+from controlstack.controlnet.kinds import load_control
 from safetensors.torch import save_file
 
 pytestmark = pytest.mark.unit
@@ -19,8 +20,9 @@ def sd():
 
 
 def _raises(path, *words, **kw):
+    # load_control: what LoadControlNet calls for any file (it dispatches to load_controlnet for ControlNets)
     with pytest.raises(ControlNetError) as info:
-        load_controlnet(path, **kw)
+        load_control(path, **kw)
     msg = str(info.value)
     assert os.fspath(path) in msg if not isinstance(path, dict) else True, msg
     for w in words:
@@ -92,20 +94,25 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch, sd):
         ({"adapter.body.0.resnets.0.block1.weight": (8, 8, 3, 3)}, ["T2I-Adapter"]),
         (
             {"lora_controlnet": (0,), "input_blocks.1.0.in_layers.2.down": (8, 8)},
-            ["unsupported ControlNet variant", "LoRA"],
+            ["Control-LoRA", "needs the base model"],
         ),
         (
             {"task_embedding": (8, 320), "controlnet_cond_embedding.conv_in.weight": (16, 3, 3, 3)},
-            ["unsupported ControlNet variant", "Union"],
+            ["Union", "missing"],
         ),
         (
             {"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight": (8, 8)},
-            ["unsupported ControlNet variant", "LLLite"],
+            ["LLLite", "missing"],
         ),
         (
             {"controlnet_blocks.0.weight": (8, 8), "transformer_blocks.0.attn.to_q.weight": (8, 8)},
-            ["unsupported ControlNet variant"],
+            ["DiT ControlNet", "SD1.x / SD2.x / SDXL"],
         ),
+        ({"controlnet_x_embedder.weight": (8, 8)}, ["Flux ControlNet", "SD1.x / SD2.x / SDXL"]),
+        ({"after_proj_list.18.bias": (8,)}, ["HunyuanDiT"]),
+        ({"style_embedding": (1, 8, 8)}, ["style model"]),
+        ({"image_proj.proj.weight": (8, 8)}, ["IP-Adapter"]),
+        ({"lllite_dit_blocks_0.conditioning1.0.weight": (8, 3, 4, 4)}, ["Anima"]),
         ({"some.random.weight": (3, 3)}, ["unknown layout", "some.random.weight"]),
     ],
 )
