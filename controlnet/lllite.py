@@ -170,8 +170,8 @@ class LLLite(nn.ModuleDict):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    @property
-    def device(self) -> torch.device:
+    def _device(self) -> torch.device:
+        # Not a `device` property: ComfyUI's ModelPatcher assigns `model.device` when it moves a model.
         return next(self.parameters()).device
 
     def _bad(self, what: str) -> ControlNetError:
@@ -196,7 +196,7 @@ class LLLite(nn.ModuleDict):
         h, w = hint.shape[2:]
         if h % 8 or w % 8 or h == 0 or w == 0:
             raise self._bad(f"hint height and width must be multiples of 8 (8 x latent), got {(h, w)}")
-        x = hint.to(self.device, self.dtype) * 2.0 - 1.0
+        x = hint.to(self._device(), self.dtype) * 2.0 - 1.0
         padded: dict[int, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
         for key, module in self.items():
