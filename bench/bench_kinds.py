@@ -74,6 +74,31 @@ def union_full_shapes() -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
+"""Key -> shape sets taken from diffusers classes (T2I-Adapter XL, Union); `--shapes FILE` caches them for machines
+without diffusers (the GPU machine)."""
+
+
+def diffusers_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    if name not in SHAPES:
+        import make_random_control_files as files
+
+        SHAPES[name] = {"t2i_xl": files.t2i_sdxl_diffusers_shapes, "union": union_full_shapes}[name]()
+    return SHAPES[name]
+
+
+def load_shapes(path: Path) -> None:
+    """Read the shape cache, or write it where diffusers is importable."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        data = json.loads(path.read_text())
+        SHAPES.update({k: {n: tuple(s) for n, s in v.items()} for k, v in data.items()})
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: diffusers_shapes(k) for k in ("t2i_xl", "union")}))
+
+
 def cases(comfy_dir: Path, family: str, device: torch.device):
     """(name, state dict builder, union types per apply or None)."""
     import make_random_control_files as files
@@ -87,14 +112,18 @@ def cases(comfy_dir: Path, family: str, device: torch.device):
             )
         ]
     return [
-        ("T2I-Adapter XL", lambda: random_sd(files.t2i_sdxl_diffusers_shapes(), device, 2), None),
+        ("T2I-Adapter XL", lambda: random_sd(diffusers_shapes("t2i_xl"), device, 2), None),
         (
             "Control-LoRA r8",
             lambda: random_sd(files.control_lora_shapes(comfy_dir), device, 3, files.CONTROL_LORA_UP_SCALE),
             None,
         ),
-        ("Union, 1 hint", lambda: random_sd(union_full_shapes(), device, 4), (UNION_TYPE_A,)),
-        ("Union, 2 hints", lambda: random_sd(union_full_shapes(), device, 4), (UNION_TYPE_A, UNION_TYPE_B)),
+        ("Union, 1 hint", lambda: random_sd(diffusers_shapes("union"), device, 4), (UNION_TYPE_A,)),
+        (
+            "Union, 2 hints",
+            lambda: random_sd(diffusers_shapes("union"), device, 4),
+            (UNION_TYPE_A, UNION_TYPE_B),
+        ),
         ("LLLite", lambda: random_sd(files.lllite_shapes(comfy_dir), device, 5), None),
     ]
 
@@ -142,6 +171,8 @@ def bench_family(comfy, comfy_dir, family, size, steps, repeats, device, rows):
     hints = [torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
     label = f"{family} {size}^2"
     say(f"{family}: timing the host without control")
+    # twice: the first run of a fresh process also warms the GPU's clocks and the allocator
+    run_case(comfy, model, positive, negative, latent, steps, 1, device)
     base_s, base_peak, _ = run_case(comfy, model, positive, negative, latent, steps, repeats, device)
     rows.append({"case": label, "variant": "host, no control", "n": 0, "ms": base_s * 1e3, "ratio": 1.0,
                  "peak_gib": base_peak})  # fmt: skip
@@ -190,6 +221,10 @@ def bench_family(comfy, comfy_dir, family, size, steps, repeats, device, rows):
         del patched, wrapper, host_cn, sd
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
+    say(f"{family}: the host without control again (drift check)")
+    again_s, _, _ = run_case(comfy, model, positive, negative, latent, steps, repeats, device)
+    rows.append({"case": label, "variant": "host, no control (again, at the end)", "n": 0, "ms": again_s * 1e3,
+                 "ratio": again_s / base_s, "peak_gib": float("nan")})  # fmt: skip
     del model
 
 
@@ -202,7 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument(
+        "--shapes", type=Path, help="diffusers key/shape cache: written where diffusers is installed"
+    )
+    p.add_argument("--only-shapes", action="store_true", help="write the --shapes cache and exit")
     args = p.parse_args(argv)
+    if args.shapes:
+        load_shapes(args.shapes)
+        if args.only_shapes:
+            return 0
 
     torch.manual_seed(0)
     comfy = import_host(args.comfy_dir)

@@ -226,10 +226,22 @@ class ControlAddEmbedding(nn.Module):
         self.linear_2 = nn.Linear(out_dim, out_dim)
 
     def forward(self, types: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        vec = torch.zeros(self.num_types, device=device)
-        vec[types] = 1.0
-        e = timestep_embedding(vec, self.type_dim).to(dtype).reshape(1, -1)
-        return self.linear_2(F.silu(self.linear_1(e)))
+        # The result depends only on the types and the weights: computed once and reused, which also keeps the
+        # host -> device copy of the type vector out of CUDA-graph capture (where it is not allowed).
+        w = self.linear_1.weight
+        key = (tuple(types), dtype, str(device), w.data_ptr(), w._version)
+        cache = self.__dict__.setdefault("_cache", {})
+        hit = None if torch.is_grad_enabled() else cache.get(key)
+        if hit is None:
+            vec = torch.zeros(self.num_types)
+            vec[types] = 1.0
+            e = timestep_embedding(vec.to(device), self.type_dim).to(dtype).reshape(1, -1)
+            hit = self.linear_2(F.silu(self.linear_1(e)))
+            if not torch.is_grad_enabled():
+                if len(cache) >= 64:  # a handful of type sets per model in practice; never grow without bound
+                    cache.clear()
+                cache[key] = hit
+        return hit
 
 
 class ControlNet(nn.Module):

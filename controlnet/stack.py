@@ -365,7 +365,9 @@ class ResidualStack:
             chunks,
         )
         slots = None
-        if run.use_cuda_graphs and x.is_cuda and self.observer is None:
+        # Only forwards that depend on x are worth a graph: T2I features are added from per-run buffers.
+        dynamic = any(self.entries[g[0]].injection != "input" for g in groups)
+        if run.use_cuda_graphs and dynamic and x.is_cuda and self.observer is None:
             graph = run.graphs.get(key)
             if graph is not None:
                 self.calls += sum(len(g) for g in groups)

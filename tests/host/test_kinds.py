@@ -126,3 +126,48 @@ def test_union_type_on_a_classic_controlnet_is_refused(comfy_server, kinds_files
         comfy_server, set_sampler(g, model=["7", 0]), "control type only applies to ControlNet Union"
     )
     assert torch.equal(run_latent(comfy_server, base_graph(kinds_files)), unpatched)
+
+
+INPAINT_CHECKPOINT = "cs_test_random_sd15_inpaint.safetensors"
+
+
+@pytest.fixture(scope="module")
+def inpaint_checkpoint(comfy_server, host_models):
+    """The random SD1.5 checkpoint as an inpainting UNet: conv_in takes 9 channels (latent, mask, masked-image
+    latent), the layout of sd-v1-5-inpainting; ComfyUI detects it as SD15 with in_channels 9."""
+    path = Path(comfy_server.base_dir) / "models" / "checkpoints" / INPAINT_CHECKPOINT
+    if not path.is_file():
+        from safetensors import safe_open
+
+        tensors = {}
+        with safe_open(str(host_models["checkpoint"]), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+        conv_in = tensors["model.diffusion_model.input_blocks.0.0.weight"]
+        extra = torch.randn(
+            conv_in.shape[0], 5, *conv_in.shape[2:], generator=torch.Generator().manual_seed(5)
+        )
+        tensors["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat(
+            [conv_in, (extra * conv_in.float().std()).to(conv_in.dtype)], dim=1
+        )
+        tmp = path.with_name(path.name + ".partial")
+        save_file(tensors, str(tmp))
+        del tensors
+        tmp.replace(path)
+    return INPAINT_CHECKPOINT
+
+
+def test_inpainting_unet_accepts_its_family_and_equals_builtin(comfy_server, kinds_files, inpaint_checkpoint):
+    """An SD1.5 inpainting UNet (9 input channels) takes SD1.5 ControlNets and T2I-Adapters, as the built-in does."""
+    plain = run_latent(comfy_server, base_graph(kinds_files, checkpoint=inpaint_checkpoint))
+    g = base_graph(kinds_files, checkpoint=inpaint_checkpoint)
+    cond = add_builtin(g, "7", CANNY, ["6", 0], (["2", 0], ["3", 0]), strength=0.8)
+    cond = add_builtin(g, "8", T2I_DEPTH, ["6", 0], cond, strength=0.5)
+    builtin = run_latent(comfy_server, set_sampler(g, cond=cond))
+    g = base_graph(kinds_files, checkpoint=inpaint_checkpoint)
+    model = add_controlstack(g, "7", CANNY, ["6", 0], ["1", 0], strength=0.8)
+    model = add_controlstack(g, "8", T2I_DEPTH, ["6", 0], model, strength=0.5)
+    ours = run_latent(comfy_server, set_sampler(g, model=model))
+    err = rel_err(ours, builtin)
+    print(f"SD1.5 inpainting UNet, ControlNet + T2I: relative error vs built-in {err:.3e}")
+    assert rel_err(builtin, plain) > 1e-3 and err <= 1e-4

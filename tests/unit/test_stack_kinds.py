@@ -141,3 +141,48 @@ def test_lllite_attention_patch_applies_strength_rows_and_mask(lllite):
     assert torch.equal(q2[0], q[0]), "uncond row untouched in 'ControlNet is more important' mode"
     assert torch.equal(q2[1, half:], q[1, half:]), "masked-out tokens untouched"
     assert rel_err(q2[1, :half], want_q[1, :half]) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def union():
+    from test_union import union_config
+
+    return (
+        randomize_(build_controlnet(union_config(n_types=8), name="promax"), seed=6)
+        .eval()
+        .requires_grad_(False)
+    )
+
+
+def test_union_hints_of_one_model_share_one_forward(union):
+    """Two typed hints of one Union model with the same window run as ONE multi-condition forward whose strengths are
+    the per-condition scales; a different window splits them into two single-condition forwards."""
+    from test_union import union_inputs
+
+    x, hints, t, ctx, y, _ = union_inputs(union.config, 2, batch=2, seed=7)
+    hints = [h[:1] for h in hints]  # one hint each, shared by the batch rows
+    counter = Counter(union)
+    a = StackEntry(union, hints[0], strength=0.9, union_type=1)
+    b = StackEntry(union, hints[1], strength=0.6, union_type=3)
+    got = ResidualStack([a, b]).residuals(x, t, ctx, y)
+    assert counter.calls == 1, "one forward for both hints"
+    want = union(
+        x,
+        [h.expand(2, -1, -1, -1) for h in hints],
+        t,
+        ctx,
+        y,
+        control_types=[1, 3],
+        condition_scales=[0.9, 0.6],
+    )
+    for g, w in zip(got, want, strict=True):
+        assert w.abs().mean() > 0 and rel_err(g, w) < 1e-5
+
+    counter.calls = 0
+    late = StackEntry(union, hints[1], strength=0.6, union_type=3, start_percent=0.5)
+    got = ResidualStack([a, late]).residuals(x, t, ctx, y)
+    assert counter.calls == 2, "different windows: two forwards"
+    one = union(x, hints[0].expand(2, -1, -1, -1), t, ctx, y, control_types=[1])
+    two = union(x, hints[1].expand(2, -1, -1, -1), t, ctx, y, control_types=[3])
+    for g, w1, w2 in zip(got, one, two, strict=True):
+        assert rel_err(g, 0.9 * w1 + 0.6 * w2) < 1e-5
