@@ -530,6 +530,7 @@ class ResidualStack:
         Prepares everything that depends only on the run and the batch layout (encoded hints broadcast to the
         batch) before the UNet runs; the returned object is then called from inside the UNet's attention layers.
         """
+        self._sigma = sigma
         entries = [i for i in self.active(sigma) if self.entries[i].injection == "attention"]
         if not entries:
             return None
@@ -672,6 +673,26 @@ class AttentionPatch:
 
     def __init__(self, stack: ResidualStack, prepared: list, x: torch.Tensor, chunks: int) -> None:
         self.stack, self.prepared, self.x, self.chunks = stack, prepared, x, chunks
+        self.sigma = stack._sigma
+        self.observer = stack.observer
+        self.magnitudes: dict[int, list[torch.Tensor | None]] = {}
+        """For the report: per entry, per layer slot, the largest mean |term| added in this UNet call."""
+
+    def _record(self, idx: int, slot: int | None, terms: Sequence[torch.Tensor]) -> None:
+        if self.observer is None or slot is None or not terms:
+            return
+        cells = self.magnitudes.setdefault(idx, [None] * self.stack.entries[idx].controlnet.num_residuals)
+        value = torch.stack([t.detach().abs().float().mean() for t in terms]).max()
+        cells[slot] = value if cells[slot] is None else torch.maximum(cells[slot], value)
+
+    def report(self) -> None:
+        """Hand this call's per-slot magnitudes to the stack's observer (the control report), once per UNet call."""
+        if self.observer is None:
+            return
+        for idx, cells in self.magnitudes.items():
+            if any(c is not None for c in cells):
+                self.observer(idx, self.sigma, cells)
+        self.magnitudes = {}
 
     def __call__(
         self,
@@ -705,6 +726,11 @@ class AttentionPatch:
             if row_mask is not None:
                 mult = row_mask.view(-1, 1, 1) * mult
             new = module.apply(tuple(block), block_index, attn, q0, k0, v0, cond, mult)
+            self._record(
+                idx,
+                slot,
+                [out - orig for out, orig in zip(new, (q0, k0, v0), strict=True) if out is not orig],
+            )
             # untouched inputs come back as the same objects: keep them (and their identity) as they are
             q, k, v = (
                 cur if out is orig else out if cur is orig else cur + (out - orig)

@@ -272,7 +272,10 @@ class StackWrapper:
                 control = merge_control(control, step)
             patch = self.stack.attention_patch(xc, sigma=sigma, cond_or_uncond=cond_or_uncond)
             if patch is not None:
-                transformer_options = with_attention_patch(transformer_options, patch)
+                out = executor(x, t, c_concat, c_crossattn, control, with_attention_patch(transformer_options, patch),
+                               **kwargs)  # fmt: skip
+                patch.report()  # the LLLite terms this call added, for the control report
+                return out
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     def _fit(self, entry: StackEntry, kind: str, height: int, width: int) -> torch.Tensor:

@@ -186,3 +186,23 @@ def test_union_hints_of_one_model_share_one_forward(union):
     two = union(x, hints[1].expand(2, -1, -1, -1), t, ctx, y, control_types=[3])
     for g, w1, w2 in zip(got, one, two, strict=True):
         assert rel_err(g, 0.9 * w1 + 0.6 * w2) < 1e-5
+
+
+def test_lllite_terms_reach_the_control_report(lllite):
+    """The Sampler's report observer gets, once per UNet call, the largest mean |term| LLLite added per layer slot."""
+    latent = 16
+    hint = torch.rand(1, 3, 8 * latent, 8 * latent, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(2, 4, latent, latent)
+    q = torch.randn(2, (latent // 2) ** 2, 640)
+    stack = ResidualStack([StackEntry(lllite, hint, strength=0.5)])
+    seen = []
+    stack.observer = lambda idx, sigma, cells: seen.append((idx, sigma, cells))
+    patch = stack.attention_patch(x, sigma=0.4)
+    new = patch("attn1", ("input", 4), 0, q, q, q, [2, 640, latent // 2, latent // 2])
+    assert not seen, "reported once per UNet call, after it"
+    patch.report()
+    ((idx, sigma, cells),) = seen
+    assert idx == 0 and sigma == 0.4 and len(cells) == lllite.num_residuals
+    largest = max(float((n - q).abs().mean()) for n in new)  # the q, k and v terms of input block 4
+    assert cells[4] is not None and abs(float(cells[4]) - largest) < 1e-6
+    assert all(c is None for i, c in enumerate(cells) if i != 4)
