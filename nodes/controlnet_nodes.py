@@ -248,7 +248,9 @@ class ControlScale:
         "Per-layer multipliers and the control mode for Apply ControlNet Hint. balanced: every layer at strength. "
         "prompt is more important: layer i x 0.825^(12-i), shallow layers fade. ControlNet is more important: the "
         "residuals go to the positive prompt only, so CFG amplifies them. custom: the in_00..middle values below "
-        "(SDXL uses in_00..in_08 and middle)."
+        "(SDXL uses in_00..in_08 and middle). Every kind takes them: a layer is where the kind acts — ControlNets, "
+        "Union and Control-LoRAs every layer; T2I-Adapters in_02/05/08/11 (SDXL in_03/05/08 and middle); LLLite the "
+        "attention of in_04/05/07/08 and middle."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CS_SCALES",)
