@@ -163,7 +163,9 @@ function drawChart(ctx, node, width, y) {
   ctx.fillStyle = "#1b1b1b";
   ctx.strokeStyle = "#444";
   ctx.beginPath();
-  ctx.roundRect?.(g.x0, g.top, g.x1 - g.x0, CHART_HEIGHT - 4, 4) ?? ctx.rect(g.x0, g.top, g.x1 - g.x0, CHART_HEIGHT - 4);
+  // roundRect returns undefined, so `roundRect?.() ?? rect()` always added a square frame too
+  if (ctx.roundRect) ctx.roundRect(g.x0, g.top, g.x1 - g.x0, CHART_HEIGHT - 4, 4);
+  else ctx.rect(g.x0, g.top, g.x1 - g.x0, CHART_HEIGHT - 4);
   ctx.fill();
   ctx.stroke();
   // 1.0 reference line
@@ -391,11 +393,19 @@ export function kindBadge(info) {
 
 async function refreshKind(node) {
   const widget = node.widgets?.find((w) => w.name === "control_net_name");
-  const info = await describeControlFile(widget?.value);
+  const name = widget?.value;
+  const info = await describeControlFile(name);
+  // Answers can land out of order (nodeCreated asks about the combo's default, onConfigure about the saved file):
+  // only the answer for the file the widget holds now counts.
+  if (widget && widget.value !== name) return;
   node.csKind = info ?? null;
+  node.csKindFile = name ?? null;
   const ours = (node.color === undefined || KIND_PALETTE.has(node.color)) &&
     (node.bgcolor === undefined || KIND_PALETTE.has(node.bgcolor));
-  if (info && ours && KIND_COLORS[info.kind]) [node.color, node.bgcolor] = KIND_COLORS[info.kind];
+  if (ours) {
+    // A kind without a colour (a missing file, an unreadable answer) drops the previous file's colour.
+    [node.color, node.bgcolor] = (info && KIND_COLORS[info.kind]) || [undefined, undefined];
+  }
   app.graph?.setDirtyCanvas?.(true, true);
 }
 
@@ -419,8 +429,25 @@ function drawTitleBadge(node, ctx, text) {
   ctx.save();
   ctx.font = "bold 12px Arial";
   ctx.textAlign = "right";
-  ctx.fillStyle = "#ddd";
-  ctx.fillText(text, node.size[0] - 8, -H * 0.32);
+  ctx.textBaseline = "middle";
+  // An opaque pill (the title colour, darkened) right-aligned in the title bar: the badge stays readable where a
+  // long title runs under it. Never wider than the bar right of the title's collapse dot.
+  const pad = 5;
+  const right = node.size[0] - 6;
+  const maxText = Math.max(0, node.size[0] - H - 6 - 2 * pad);
+  const width = Math.min(ctx.measureText(text).width, maxText);
+  const left = right - width - 2 * pad;
+  const top = -H / 2 - 9;
+  ctx.beginPath();
+  if (ctx.roundRect) ctx.roundRect(left, top, right - left, 18, 9);
+  else ctx.rect(left, top, right - left, 18);
+  ctx.fillStyle = node.color ?? globalThis.LiteGraph?.NODE_DEFAULT_COLOR ?? "#333";
+  ctx.fill();
+  ctx.fillStyle = "rgba(0, 0, 0, 0.45)";
+  ctx.fill();
+  ctx.fillStyle = "#e8e8e8";
+  ctx.fillText(text, right - pad, -H / 2 + 0.5, maxText);
+  node.csBadge = { text, left, right, text_width: ctx.measureText(text).width, max_text_width: maxText }; // tests
   ctx.restore();
 }
 
@@ -581,6 +608,7 @@ globalThis.ControlStackWeb = {
   describeControlFile,
   kindBadge,
   sourceLoader,
+  KIND_COLORS,
   chartGeometry(node) {
     const chart = node?.widgets?.find((w) => w.name === CHART_NAME);
     return chart ? chart.geometry() : null;

@@ -1,8 +1,8 @@
 """Browser-level fixtures: the real host (scripts/host.py) + headless chromium driven by tests/browser/driver.mjs.
 
 The driver runs once per session over every UI-format workflow (load by a real drop event, compare with the API
-twin, queue with the Run button, wait for /history, PNG round trip, mouse drag on the layer-scale widget) and
-prints one JSON document; the tests assert on its fields. Screenshots land in .artifacts/browser/.
+twin, queue with the Run button, wait for /history, PNG round trip, mouse drag on the layer-scale widget, the
+kind badge of Load ControlNet) and prints one JSON document; the tests assert on its fields. Screenshots land in .artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import host
 import pytest
-from browser_helpers import api_twin, ui_workflows
+from browser_helpers import KIND_CLASSIC, KIND_MISSING, KIND_WORKFLOW, api_twin, ui_workflows
 
 BROWSER_DIR = Path(__file__).resolve().parent
 REPO = host.REPO
@@ -141,6 +141,9 @@ def browser_run(browser_server: host.ComfyServer) -> dict[str, Any]:
         "png_roundtrip": True,
         "drag": True,
     }
+    if KIND_WORKFLOW in {wf["name"] for wf in workflows}:
+        # Load ControlNet's kind badge: a T2I-Adapter workflow, then the combo switched to these files.
+        job["kinds"] = {"workflow": KIND_WORKFLOW, "classic": KIND_CLASSIC, "missing": KIND_MISSING}
     t0 = time.perf_counter()
     # Own process group: on a timeout the driver and the chromium it started go down together.
     proc = subprocess.Popen(

@@ -10,7 +10,9 @@
 //     "run_timeout_s": 300,                    // per workflow
 //     "png_roundtrip": true,                   // drop the first output PNG back in, compare graphToPrompt()
 //     "skip_run": ["name"],                    // load and compare these, but do not queue them
-//     "drag": true                             // drag a bar of the layer-scale widget with the mouse
+//     "drag": true,                            // drag a bar of the layer-scale widget with the mouse
+//     "kinds": {"workflow": "x", "classic": "cn.safetensors", "missing": "nope.safetensors"}
+//                                              // Load ControlNet's kind badge and colours, the describe route
 //   }
 // Output (stdout, one JSON object): startup info and one record per workflow with the numbers pytest asserts on.
 // Progress goes to stderr. Exit code 0 unless the driver itself failed (test verdicts are pytest's job).
@@ -460,6 +462,153 @@ async function dragBar(page, artifactDir, { index = 3, target = 1.5 } = {}) {
   };
 }
 
+/**
+ * Kind badges (GET /controlstack/describe): load `wf`, read what Load ControlNet shows for its file (csKind, colours,
+ * badge text and where the badge sits next to the title), ask the route about `classic` and `missing` from the page,
+ * switch the loader's combo to `classic` and `missing` through the widget callback and back, and screenshot the
+ * loader and the ApplyHint it feeds at zoom `zoom` (<artifact_dir>/kind-badge-loader.png, kind-badge-hint.png).
+ */
+async function kindBadges(page, wf, errs, artifactDir, { classic, missing, zoom = 1.5 } = {}) {
+  const t0 = Date.now();
+  const rec = await loadWorkflow(page, wf, errs, artifactDir);
+  if (!rec.loaded) return { error: `could not load ${wf.name}` };
+  const ids = await page.evaluate((LOAD) => {
+    const nodes = window.app.graph._nodes;
+    const loader = nodes.find((n) => n.comfyClass === LOAD);
+    return {
+      loader: loader?.id ?? null,
+      hints: nodes.filter((n) => n.comfyClass === "ControlStackApplyHint").map((n) => n.id),
+    };
+  }, "ControlStackLoadControlNet");
+  if (ids.loader == null) return { error: `no Load ControlNet node in ${wf.name}` };
+  /** Wait until the loader's csKind describes `file` (or any kind when `file` is null); the loader's state. */
+  const loaderState = async (file) => {
+    await page
+      .waitForFunction(
+        ({ id, file }) => {
+          const n = window.app.graph.getNodeById(id);
+          const w = n?.widgets?.find((x) => x.name === "control_net_name");
+          return !!n?.csKind && n.csKindFile === w?.value && (file == null || w?.value === file);
+        },
+        { id: ids.loader, file },
+        { timeout: 15_000, polling: 100 },
+      )
+      .catch(() => {});
+    // csKind is set by an async fetch: give a late (stale) answer the chance to land before reading.
+    await sleep(300);
+    return page.evaluate((id) => {
+      const n = window.app.graph.getNodeById(id);
+      return {
+        value: n.widgets.find((x) => x.name === "control_net_name")?.value ?? null,
+        cs_kind: n.csKind ?? null,
+        badge: window.ControlStackWeb.kindBadge(n.csKind),
+        color: n.color ?? null,
+        bgcolor: n.bgcolor ?? null,
+      };
+    }, ids.loader);
+  };
+  const out = { workflow: wf.name, loader_id: ids.loader, hint_ids: ids.hints };
+  out.initial = await loaderState(null);
+  out.kind_colors = await page.evaluate(() => window.ControlStackWeb.KIND_COLORS ?? null);
+  out.source_loaders = await page.evaluate(
+    (hints) =>
+      Object.fromEntries(
+        hints.map((id) => [id, window.ControlStackWeb.sourceLoader(window.app.graph.getNodeById(id))?.id ?? null]),
+      ),
+    ids.hints,
+  );
+  // The route, asked from the page (console errors during these calls count).
+  const mark = errs.console.length;
+  const pmark = errs.page.length;
+  out.describe = await page.evaluate(
+    async (names) => {
+      const res = {};
+      for (const name of names) {
+        const r = await fetch(`/api/controlstack/describe?name=${encodeURIComponent(name)}`);
+        let body = null;
+        try {
+          body = await r.json();
+        } catch {
+          /* not JSON */
+        }
+        res[name] = { status: r.status, body, via_extension: await window.ControlStackWeb.describeControlFile(name) };
+      }
+      return res;
+    },
+    [classic, missing].filter(Boolean),
+  );
+  // The widget callback (as picking a file in the combo does) refreshes the kind; then the missing file; then back.
+  const pick = (file) =>
+    page.evaluate(
+      ({ id, file }) => {
+        const n = window.app.graph.getNodeById(id);
+        const w = n.widgets.find((x) => x.name === "control_net_name");
+        w.value = file;
+        w.callback?.(file, window.app.canvas, n);
+      },
+      { id: ids.loader, file },
+    );
+  out.after_change = {};
+  for (const file of [classic, missing, out.initial.value].filter(Boolean)) {
+    await pick(file);
+    out.after_change[file] = await loaderState(file);
+  }
+  await sleep(300);
+  out.console_errors = errs.console.slice(mark);
+  out.page_errors = errs.page.slice(pmark);
+  // Zoomed screenshots of the loader and the first ApplyHint, with where the badge and the title text sit.
+  const shoot = async (id, name) => {
+    const box = await page.evaluate(
+      ({ id, zoom }) => {
+        const n = window.app.graph.getNodeById(id);
+        const canvas = window.app.canvas;
+        const ds = canvas.ds;
+        const H = window.LiteGraph.NODE_TITLE_HEIGHT ?? 30;
+        ds.scale = zoom;
+        ds.offset[0] = -n.pos[0] + 120 / zoom;
+        ds.offset[1] = -n.pos[1] + 260 / zoom;
+        canvas.deselectAll?.();
+        window.app.graph.setDirtyCanvas(true, true);
+        const rect = canvas.canvas.getBoundingClientRect();
+        return {
+          x: rect.left + (n.pos[0] + ds.offset[0]) * zoom - 12,
+          y: rect.top + (n.pos[1] - H + ds.offset[1]) * zoom - 12,
+          width: n.size[0] * zoom + 24,
+          height: (n.size[1] + H) * zoom + 24,
+        };
+      },
+      { id, zoom },
+    );
+    await sleep(400);
+    const geom = await page.evaluate((id) => {
+      const n = window.app.graph.getNodeById(id);
+      const H = window.LiteGraph.NODE_TITLE_HEIGHT ?? 30;
+      const ctx = document.createElement("canvas").getContext("2d");
+      ctx.font = n.titleFontStyle ?? `${window.LiteGraph.NODE_TEXT_SIZE ?? 14}px Arial`;
+      const title = String(n.getTitle?.() ?? n.title ?? "");
+      return {
+        title,
+        size: [n.size[0], n.size[1]],
+        title_left: H,
+        title_right: H + Math.min(ctx.measureText(title).width, n.size[0] - 2 * H),
+        badge: n.csBadge ?? null,
+      };
+    }, id);
+    const path = join(artifactDir, `${name}.png`);
+    try {
+      await page.screenshot({ path, clip: box });
+    } catch (e) {
+      log("screenshot failed", name, String(e));
+      return { ...geom, screenshot: null };
+    }
+    return { ...geom, screenshot: path };
+  };
+  out.loader_view = await shoot(ids.loader, "kind-badge-loader");
+  if (ids.hints.length) out.hint_view = await shoot(ids.hints[0], "kind-badge-hint");
+  out.ms = Date.now() - t0;
+  return out;
+}
+
 // --------------------------------------------------------------------------------------------------------------
 
 async function main() {
@@ -540,6 +689,16 @@ async function main() {
         result.drag = { workflow: wf?.name ?? null, ...(await dragBar(page, artifactDir, job.drag_args ?? {})) };
       } catch (e) {
         result.drag = { error: String(e?.stack || e) };
+      }
+    }
+    if (job.kinds) {
+      log("kinds");
+      try {
+        const wf = (job.workflows ?? []).find((w) => w.name === job.kinds.workflow);
+        if (!wf) throw new Error(`kinds: no workflow ${job.kinds.workflow} in the job`);
+        result.kinds = await kindBadges(page, wf, errs, artifactDir, job.kinds);
+      } catch (e) {
+        result.kinds = { error: String(e?.stack || e) };
       }
     }
     result.console_errors = [...consoleErrors];

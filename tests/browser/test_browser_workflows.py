@@ -2,7 +2,7 @@
 
 One driver run (tests/browser/driver.mjs, fixture `browser_run`) does the browser work; these tests assert on the
 numbers and lists it returns. Screenshots: .artifacts/browser/<workflow>-loaded.png, -run.png, -from-png.png,
-layer-scale-drag.png; the whole result: .artifacts/browser/driver-result.json.
+layer-scale-drag.png, kind-badge-loader.png, kind-badge-hint.png; the whole result: .artifacts/browser/driver-result.json.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from browser_helpers import api_twin, ui_workflows
+from browser_helpers import KIND_CLASSIC, KIND_MISSING, KIND_WORKFLOW, api_twin, ui_workflows
 
 WORKFLOWS = ui_workflows()
 NAMES = [p.stem for p in WORKFLOWS] or ["<none>"]
@@ -135,3 +135,56 @@ def test_layer_scale_drag(browser_run: dict[str, Any]) -> None:
         f"bars not rising shallow -> deep: {tops}"
     )
     assert d["preset_prompt"]["mode"] == "prompt is more important"
+
+
+def test_load_controlnet_kind_badge(browser_run: dict[str, Any]) -> None:
+    """Load ControlNet on a T2I-Adapter file: csKind from GET /controlstack/describe, the kind's colours, a readable
+    badge; ApplyHint finds that loader; the route answers for a classic ControlNet and (200, no console error)
+    for a file the host lacks; picking another file in the combo refreshes the kind."""
+    if KIND_WORKFLOW not in NAMES:
+        pytest.skip(f"no workflows/{KIND_WORKFLOW}.json")
+    k = browser_run.get("kinds")
+    assert k is not None, "driver ran no kinds step"
+    assert "error" not in k, k["error"]
+    t2i = k["kind_colors"]["t2i_adapter"]
+    first = k["initial"]
+    assert first["value"] == "controlstack_random_sd15_t2i_depth.safetensors", first
+    assert first["cs_kind"]["kind"] == "t2i_adapter", first
+    assert first["cs_kind"]["kind_name"] == "T2I-Adapter", first
+    assert first["cs_kind"]["family_name"] == "SD1.x", first
+    assert first["badge"] == "T2I-Adapter · SD1.x"
+    assert [first["color"], first["bgcolor"]] == t2i
+    assert k["hint_ids"], "no ApplyHint in the workflow"
+    assert all(src == k["loader_id"] for src in k["source_loaders"].values()), k["source_loaders"]
+
+    classic = k["describe"][KIND_CLASSIC]
+    assert classic["status"] == 200
+    assert {key: classic["body"][key] for key in ("kind", "kind_name", "family_name")} == {
+        "kind": "controlnet",
+        "kind_name": "ControlNet",
+        "family_name": "SD1.x",
+    }, classic
+    missing = k["describe"][KIND_MISSING]
+    assert missing["status"] == 200, missing
+    assert missing["body"]["kind"] == "missing" and missing["body"]["kind_name"] == "", missing
+    assert missing["via_extension"]["kind"] == "missing", missing
+    assert k["console_errors"] == [], k["console_errors"]
+    assert k["page_errors"] == [], k["page_errors"]
+
+    # the combo's callback: another file -> its kind and colours; a missing file -> no badge, no kind colour
+    changed = k["after_change"]
+    cn, gone = changed[KIND_CLASSIC], changed[KIND_MISSING]
+    assert cn["cs_kind"]["kind"] == "controlnet" and cn["badge"] == "ControlNet · SD1.x", cn
+    assert [cn["color"], cn["bgcolor"]] == k["kind_colors"]["controlnet"], cn
+    assert gone["cs_kind"]["kind"] == "missing" and gone["badge"] == "", gone
+    assert gone["color"] is None and gone["bgcolor"] is None, gone
+    back = changed[first["value"]]
+    assert back["cs_kind"]["kind"] == "t2i_adapter" and [back["color"], back["bgcolor"]] == t2i
+
+    # the badge as drawn: whole text, inside the node (it covers the end of a long title)
+    for view, text in ((k["loader_view"], "T2I-Adapter · SD1.x"), (k.get("hint_view"), "#1 · T2I-Adapter")):
+        assert view and view["screenshot"], view
+        badge = view["badge"]
+        assert badge and badge["text"] == text, view
+        assert badge["text_width"] <= badge["max_text_width"], f"badge squeezed: {view}"
+        assert view["title_left"] <= badge["left"] and badge["right"] <= view["size"][0], view
