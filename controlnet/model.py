@@ -228,8 +228,15 @@ class ControlAddEmbedding(nn.Module):
     def forward(self, types: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         # The result depends only on the types and the weights: computed once and reused, which also keeps the
         # host -> device copy of the type vector out of CUDA-graph capture (where it is not allowed).
-        w = self.linear_1.weight
-        key = (tuple(types), dtype, str(device), w.data_ptr(), w._version)
+        # Keyed by the weights' storage too (loading new weights gives new storage); not by `_version`, which
+        # inference tensors (ComfyUI loads models under inference_mode) do not track.
+        key = (
+            tuple(types),
+            dtype,
+            str(device),
+            self.linear_1.weight.data_ptr(),
+            self.linear_2.weight.data_ptr(),
+        )
         cache = self.__dict__.setdefault("_cache", {})
         hit = None if torch.is_grad_enabled() else cache.get(key)
         if hit is None:

@@ -206,3 +206,16 @@ def test_lllite_terms_reach_the_control_report(lllite):
     largest = max(float((n - q).abs().mean()) for n in new)  # the q, k and v terms of input block 4
     assert cells[4] is not None and abs(float(cells[4]) - largest) < 1e-6
     assert all(c is None for i, c in enumerate(cells) if i != 4)
+
+
+def test_union_under_inference_mode(union):
+    """ComfyUI loads and runs models under torch.inference_mode (inference tensors track no version counter)."""
+    from test_union import union_inputs
+
+    x, hints, t, ctx, y, _ = union_inputs(union.config, 1, batch=2, seed=9)
+    with torch.inference_mode():
+        loaded = randomize_(build_controlnet(union.config, name="inference"), seed=6).eval()
+        got = ResidualStack([StackEntry(loaded, hints[0][:1], union_type=2)]).residuals(x, t, ctx, y)
+        again = ResidualStack([StackEntry(loaded, hints[0][:1], union_type=2)]).residuals(x, t, ctx, y)
+    for a, b in zip(got, again, strict=True):
+        assert a.abs().mean() > 0 and torch.equal(a, b)
