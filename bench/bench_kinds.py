@@ -53,27 +53,6 @@ def random_sd(shapes: dict[str, tuple[int, ...]], device: torch.device, seed: in
     return sd
 
 
-def union_full_shapes() -> dict[str, tuple[int, ...]]:
-    """xinsir's promax ControlNet Union at full SDXL size (diffusers layout), 8 control types."""
-    from diffusers import ControlNetUnionModel
-
-    with torch.device("meta"):
-        model = ControlNetUnionModel(
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            block_out_channels=(320, 640, 1280),
-            transformer_layers_per_block=(0, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-            conditioning_embedding_out_channels=(16, 32, 96, 256),
-            num_control_type=8,
-        )
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
 """Key -> shape sets taken from diffusers classes (T2I-Adapter XL, Union); `--shapes FILE` caches them for machines
 without diffusers (the GPU machine)."""
@@ -83,7 +62,11 @@ def diffusers_shapes(name: str) -> dict[str, tuple[int, ...]]:
     if name not in SHAPES:
         import make_random_control_files as files
 
-        SHAPES[name] = {"t2i_xl": files.t2i_sdxl_diffusers_shapes, "union": union_full_shapes}[name]()
+        build = {
+            "t2i_xl": files.t2i_sdxl_diffusers_shapes,
+            "union": lambda: files.union_shapes(full_size=True),
+        }
+        SHAPES[name] = build[name]()
     return SHAPES[name]
 
 

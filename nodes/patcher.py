@@ -304,32 +304,17 @@ def with_attention_patch(transformer_options: dict, patch) -> dict:
     projects q, k and v. Copies, never mutation: the options dict is shared by every call of the run.
     """
 
-    def attn1(n, context, value, extra):
-        return patch(
-            "attn1",
-            extra.get("block"),
-            extra.get("block_index", 0),
-            n,
-            context,
-            value,
-            extra.get("activations_shape"),
-        )
+    def hook(attn: str):
+        def fn(n, context, value, extra):
+            where = (extra.get("block"), extra.get("block_index", 0))
+            return patch(attn, *where, n, context, value, extra.get("activations_shape"))
 
-    def attn2(n, context, value, extra):
-        return patch(
-            "attn2",
-            extra.get("block"),
-            extra.get("block_index", 0),
-            n,
-            context,
-            value,
-            extra.get("activations_shape"),
-        )
+        return fn
 
     options = dict(transformer_options)
     patches = {k: list(v) for k, v in options.get("patches", {}).items()}
-    patches["attn1_patch"] = [*patches.get("attn1_patch", []), attn1]
-    patches["attn2_patch"] = [*patches.get("attn2_patch", []), attn2]
+    for attn in ("attn1", "attn2"):
+        patches[f"{attn}_patch"] = [*patches.get(f"{attn}_patch", []), hook(attn)]
     options["patches"] = patches
     return options
 

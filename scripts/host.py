@@ -282,6 +282,22 @@ def build_sdxl_models(
     return base_dir
 
 
+CONTROL_FILES: dict[str, dict[str, int]] = {
+    "sd15": {
+        "controlstack_random_sd15_t2i_depth.safetensors": 200,
+        "controlstack_random_sd15_t2i_sketch_light.safetensors": 201,
+    },
+    "sdxl": {
+        "controlstack_random_sdxl_t2i_canny_diffusers.safetensors": 300,
+        "controlstack_random_sdxl_control_lora_rank8.safetensors": 301,
+        "controlstack_random_sdxl_union_promax.safetensors": 302,
+        "controlstack_random_sdxl_lllite.safetensors": 303,
+    },
+}
+"""Random files of the other control kinds (scripts/make_random_control_files.py): family -> file name -> seed
+(seeds distinct from make_random_models' 0-3 and 100-101)."""
+
+
 def build_control_files(
     base_dir: Path, family: str, *, comfy_dir: Path | None = None, python: str | None = None
 ) -> dict[str, Path]:
@@ -291,19 +307,7 @@ def build_control_files(
     ~40 s for sdxl). Idempotent: nothing runs when every file carries its seed in its header. Files built in a run
     are loaded once with ComfyUI's loader, which must detect their kind (LLLite excepted: no loader in core).
     Returns {"t2i_depth": path, ...}: the file name without ``controlstack_random_<family>_`` and extension."""
-    # name -> seed; the same table as make_random_control_files.FILES (checked below after a build).
-    files = {
-        "sd15": {
-            "controlstack_random_sd15_t2i_depth.safetensors": 200,
-            "controlstack_random_sd15_t2i_sketch_light.safetensors": 201,
-        },
-        "sdxl": {
-            "controlstack_random_sdxl_t2i_canny_diffusers.safetensors": 300,
-            "controlstack_random_sdxl_control_lora_rank8.safetensors": 301,
-            "controlstack_random_sdxl_union_promax.safetensors": 302,
-            "controlstack_random_sdxl_lllite.safetensors": 303,
-        },
-    }
+    files = CONTROL_FILES
     if family not in files:
         raise HostError(f"unknown family {family!r} for control files (sd15 or sdxl)")
     base_dir = prepare_base(base_dir)

@@ -40,6 +40,7 @@ from typing import Any
 
 import make_random_models as mrm
 import torch
+from host import CONTROL_FILES
 from safetensors.torch import save_file
 
 REPO = mrm.REPO
@@ -69,19 +70,7 @@ LLLITE_EXPECTED_DEPTHS = {
 }
 """Transformer depth of each SDXL block LLLite attaches to; asserted against ComfyUI's UNetModel on ``meta``."""
 
-# file name -> seed (seeds distinct from make_random_models' 0-3 and 100-101); scripts/host.py holds the same table.
-FILES: dict[str, dict[str, int]] = {
-    "sd15": {
-        "controlstack_random_sd15_t2i_depth.safetensors": 200,
-        "controlstack_random_sd15_t2i_sketch_light.safetensors": 201,
-    },
-    "sdxl": {
-        "controlstack_random_sdxl_t2i_canny_diffusers.safetensors": 300,
-        "controlstack_random_sdxl_control_lora_rank8.safetensors": 301,
-        "controlstack_random_sdxl_union_promax.safetensors": 302,
-        "controlstack_random_sdxl_lllite.safetensors": 303,
-    },
-}
+FILES = CONTROL_FILES  # family -> file name -> seed; its one home is scripts/host.py
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -201,20 +190,24 @@ def control_lora_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.T
 # ------------------------------------------------------------------------------------------------------- Union
 
 
-def union_shapes() -> Shapes:
+def union_shapes(full_size: bool = False) -> Shapes:
     """diffusers ``ControlNetUnionModel`` keys (``save_pretrained`` layout) for xinsir's promax release reduced to
     ComfyUI's ``SDXL_small_cnet``: the three SDXL down blocks as plain ``DownBlock2D`` and a middle block whose
     attention has no transformer block (norm / proj_in / proj_out only). ComfyUI's
     ``unet_config_from_diffusers_unet`` then sees transformer depth [0]*6 (only ``SDXL_small_cnet`` matches),
     and its ControlNet built from that config wants exactly these tensors. Everything that is not the UNet copy
-    (hint embedding, task embedding, transformer, projections, control-type embedding) has xinsir's sizes."""
+    (hint embedding, task embedding, transformer, projections, control-type embedding) has xinsir's sizes.
+    ``full_size``: xinsir's release at full SDXL size (the benchmark's)."""
     from diffusers import ControlNetUnionModel
 
+    down = (
+        ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D") if full_size else ("DownBlock2D",) * 3
+    )
     with torch.device(META):
         model = ControlNetUnionModel(
-            down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+            down_block_types=down,
             block_out_channels=(320, 640, 1280),
-            transformer_layers_per_block=(0, 0, 0),
+            transformer_layers_per_block=(0, 2, 10) if full_size else (0, 0, 0),
             attention_head_dim=(5, 10, 20),
             cross_attention_dim=2048,
             use_linear_projection=True,

@@ -141,8 +141,7 @@ def test_load_controlnet_kind_badge(browser_run: dict[str, Any]) -> None:
     """Load ControlNet on a T2I-Adapter file: csKind from GET /controlstack/describe, the kind's colours, a readable
     badge; ApplyHint finds that loader; the route answers for a classic ControlNet and (200, no console error)
     for a file the host lacks; picking another file in the combo refreshes the kind."""
-    if KIND_WORKFLOW not in NAMES:
-        pytest.skip(f"no workflows/{KIND_WORKFLOW}.json")
+    assert KIND_WORKFLOW in NAMES, f"workflows/{KIND_WORKFLOW}.json is shipped and must be tested"
     k = browser_run.get("kinds")
     assert k is not None, "driver ran no kinds step"
     assert "error" not in k, k["error"]
