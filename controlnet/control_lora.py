@@ -30,6 +30,7 @@ from .convert import unet_to_ldm_keys
 from .errors import ControlNetError
 from .loading import Source, read_tensors
 from .model import ControlNet
+from .ops import Operations, TorchOperations
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def merge_control_lora(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     name: str | None = None,
+    operations: Operations | None = None,
 ) -> ControlLoraNet:
     """Merge a Control-LoRA with its base UNet's encoder into a plain :class:`ControlNet`.
 
@@ -194,7 +196,7 @@ def merge_control_lora(
             f"{e} (the ControlNet is built from the base UNet's encoder plus the file's tensors)"
         ) from e
     with torch.device("meta"):  # an empty shell, filled by load_state_dict(assign=True) below
-        model = ControlLoraNet(config, name=label)
+        model = ControlLoraNet(config, name=label, operations=operations or TorchOperations)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     # 5. Validate every shape before reading any data.

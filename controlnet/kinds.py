@@ -20,6 +20,7 @@ import torch
 
 from .errors import ControlNetError
 from .loading import Source, load_controlnet, read_tensors
+from .ops import Operations
 
 KINDS = ("controlnet", "union", "control_lora", "t2i_adapter", "lllite")
 KIND_NAMES = {
@@ -109,27 +110,29 @@ def load_control(
     *,
     base_unet: Source | None = None,
     name: str | None = None,
+    operations: Operations | None = None,
 ) -> torch.nn.Module:
     """Load any supported control file (ControlNet, Union, Control-LoRA, T2I-Adapter, LLLite).
 
     ``base_unet`` (path or state dict of the base model's UNet, any layout) is needed by "difference" ControlNets and
-    Control-LoRAs; both are refused without it.
+    Control-LoRAs; both are refused without it. ``operations``: the layer classes every module is built from (plain
+    torch by default; a host passes its own so that it can cast, partially load and offload them; see ``ops.py``).
     """
     source = _unwrap_adapter(source, name)
     t = read_tensors(source, name)
     kind = detect_kind(t.shapes, t.name)
     label = name or t.name
     if kind == "controlnet":
-        return load_controlnet(source, dtype, device, base_unet=base_unet, name=name)
+        return load_controlnet(source, dtype, device, base_unet=base_unet, name=name, operations=operations)
     tensors = {k: t.get(k) for k in t.shapes}
     if kind == "t2i_adapter":
         from .t2i_adapter import load_t2i_adapter
 
-        return load_t2i_adapter(tensors, label, dtype=dtype, device=device)
+        return load_t2i_adapter(tensors, label, dtype=dtype, device=device, operations=operations)
     if kind == "lllite":
         from .lllite import load_lllite
 
-        return load_lllite(tensors, label, dtype=dtype, device=device)
+        return load_lllite(tensors, label, dtype=dtype, device=device, operations=operations)
     from .control_lora import merge_control_lora
 
     if base_unet is None:
@@ -139,7 +142,9 @@ def load_control(
         )
     base = read_tensors(base_unet, "base UNet" if isinstance(base_unet, Mapping) else None)
     base_tensors = {k: base.get(k) for k in base.shapes if not _is_decoder(k)}
-    return merge_control_lora(tensors, base_tensors, dtype=dtype, device=device, name=label)
+    return merge_control_lora(
+        tensors, base_tensors, dtype=dtype, device=device, name=label, operations=operations
+    )
 
 
 def _is_decoder(key: str) -> bool:

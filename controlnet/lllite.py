@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ControlNetError
+from .ops import Operations, TorchOperations
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,15 @@ class LLLiteModule(nn.Module):
     convs; Linear ones on B x T x C tokens.
     """
 
-    def __init__(self, depth: int, in_dim: int, cond_emb_dim: int, mlp_dim: int, is_conv2d: bool) -> None:
+    def __init__(
+        self,
+        depth: int,
+        in_dim: int,
+        cond_emb_dim: int,
+        mlp_dim: int,
+        is_conv2d: bool,
+        ops: Operations = TorchOperations,
+    ) -> None:
         super().__init__()
         if depth not in (1, 2, 3):
             raise ControlNetError(f"LLLite depth must be 1, 2 or 3, got {depth}")
@@ -84,18 +93,18 @@ class LLLiteModule(nn.Module):
         half = cond_emb_dim // 2
         # The ReLUs keep kohya's Sequential indices (conditioning1.2 / .4 are convs); not in place, so no
         # caller tensor is ever written.
-        layers: list[nn.Module] = [nn.Conv2d(3, half, 4, stride=4)]
+        layers: list[nn.Module] = [ops.Conv2d(3, half, 4, stride=4)]
         if depth == 1:
-            layers += [nn.ReLU(), nn.Conv2d(half, cond_emb_dim, 2, stride=2)]
+            layers += [nn.ReLU(), ops.Conv2d(half, cond_emb_dim, 2, stride=2)]
         elif depth == 2:
-            layers += [nn.ReLU(), nn.Conv2d(half, cond_emb_dim, 4, stride=4)]
+            layers += [nn.ReLU(), ops.Conv2d(half, cond_emb_dim, 4, stride=4)]
         else:  # kohya: "kernel size 8 is too large, so set it to 4" (then a k2/s2 conv)
-            layers += [nn.ReLU(), nn.Conv2d(half, half, 4, stride=4), nn.ReLU()]
-            layers += [nn.Conv2d(half, cond_emb_dim, 2, stride=2)]
+            layers += [nn.ReLU(), ops.Conv2d(half, half, 4, stride=4), nn.ReLU()]
+            layers += [ops.Conv2d(half, cond_emb_dim, 2, stride=2)]
         self.conditioning1 = nn.Sequential(*layers)
 
         def proj(i: int, o: int) -> nn.Module:
-            return nn.Conv2d(i, o, 1) if is_conv2d else nn.Linear(i, o)
+            return ops.Conv2d(i, o, 1) if is_conv2d else ops.Linear(i, o)
 
         self.down = nn.Sequential(proj(in_dim, mlp_dim), nn.ReLU())
         self.mid = nn.Sequential(proj(mlp_dim + cond_emb_dim, mlp_dim), nn.ReLU())
@@ -118,6 +127,10 @@ class LLLiteModule(nn.Module):
         # Functional calls on the Sequentials' weights: this runs ~136 times per UNet call and is bound by
         # per-op overhead, which nn.Module.__call__ on six submodules would double.
         d, m, u = self.down[0], self.mid[0], self.up[0]
+        if getattr(d, "comfy_cast_weights", False) or d.weight.dtype != x.dtype:
+            # Host operations that cast weights per call (storage dtype != compute dtype, partial loading):
+            # go through the layers so the host's casting runs.
+            return self.up(self.mid(torch.cat([cond, self.down(x)], dim=-1 if not self.is_conv2d else 1)))
         if self.is_conv2d:
             h = F.relu(F.conv2d(x, d.weight, d.bias))
             h = F.relu(F.conv2d(torch.cat([cond, h], dim=1), m.weight, m.bias))
@@ -166,9 +179,13 @@ class LLLite(nn.ModuleDict):
                 ", ".join(unused[:3]) + (" ..." if len(unused) > 3 else ""),
             )
 
+    compute_dtype: torch.dtype | None = None
+    """Set by a host whose operations cast per layer: inputs are cast to it, weights stay in their storage dtype."""
+
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The dtype this module computes in (its weights' unless a host set ``compute_dtype``)."""
+        return self.compute_dtype or next(self.parameters()).dtype
 
     def _device(self) -> torch.device:
         # Not a `device` property: ComfyUI's ModelPatcher assigns `model.device` when it moves a model.
@@ -251,7 +268,7 @@ class LLLite(nn.ModuleDict):
                 f"{tuple(x.shape)}: expected {want_c} (broadcast cond/uncond rows to the input's batch; "
                 f"encode a hint of 8 x the latent size)"
             )
-        dtype = module.up[0].weight.dtype
+        dtype = self.dtype
         return module(x.to(dtype), cond_tokens.to(x.device, dtype)).to(x.dtype)
 
     def apply(
@@ -301,7 +318,9 @@ class LLLite(nn.ModuleDict):
 
 
 # Loading -------------------------------------------------------------------------------------------------
-def _module_from_tensors(key: str, weights: Mapping[str, torch.Tensor], name: str) -> LLLiteModule:
+def _module_from_tensors(
+    key: str, weights: Mapping[str, torch.Tensor], name: str, ops: Operations = TorchOperations
+) -> LLLiteModule:
     """Build one module on meta from its tensors' shapes (depth and dims as ACN ``load_controllllite``)."""
 
     def need(suffix: str) -> torch.Tensor:
@@ -326,6 +345,7 @@ def _module_from_tensors(key: str, weights: Mapping[str, torch.Tensor], name: st
             cond_emb_dim=2 * c0.shape[0],
             mlp_dim=down.shape[0],
             is_conv2d=down.ndim == 4,
+            ops=ops,
         )
     expected = module.state_dict()
     for suffix, t in expected.items():
@@ -347,6 +367,7 @@ def load_lllite(
     name: str,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    operations: Operations | None = None,
 ) -> LLLite:
     """A kohya ControlNet-LLLite state dict -> :class:`LLLite` (eval, no grad).
 
@@ -372,7 +393,10 @@ def load_lllite(
     if dtype is None:
         dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
 
-    modules = {key: _module_from_tensors(key, weights, name) for key, weights in grouped.items()}
+    modules = {
+        key: _module_from_tensors(key, weights, name, operations or TorchOperations)
+        for key, weights in grouped.items()
+    }
     model = LLLite(modules, name=name)
     state = {
         k: t.to(device=device, dtype=dtype) if device is not None else t.to(dtype) for k, t in tensors.items()

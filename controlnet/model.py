@@ -22,6 +22,7 @@ from torch import nn
 
 from .config import ControlNetConfig
 from .errors import ControlNetError
+from .ops import Operations, TorchOperations
 from .union import UNION_TYPE_NAMES, union_type_label
 
 
@@ -39,18 +40,24 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
 class ResBlock(nn.Module):
     """ldm ResBlock (no scale-shift norm, no up/down sampling): the only kind SD ControlNets use."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None) -> None:
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int | None = None,
+        ops: Operations = TorchOperations,
+    ) -> None:
         super().__init__()
         out = out_channels or channels
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out, 3, padding=1)
+            ops.GroupNorm(32, channels), nn.SiLU(), ops.Conv2d(channels, out, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out))
         # The Dropout keeps ldm's indices (out_layers.3 is the conv); it is inactive at inference.
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(32, out), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out, out, 3, padding=1)
+            ops.GroupNorm(32, out), nn.SiLU(), nn.Dropout(0.0), ops.Conv2d(out, out, 3, padding=1)
         )
-        self.skip_connection = nn.Identity() if out == channels else nn.Conv2d(channels, out, 1)
+        self.skip_connection = nn.Identity() if out == channels else ops.Conv2d(channels, out, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -59,9 +66,9 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, ops: Operations = TorchOperations) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -70,14 +77,21 @@ class Downsample(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head attention on PyTorch's scaled-dot-product attention (self-attention when context is None)."""
 
-    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        ops: Operations = TorchOperations,
+    ) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_q = ops.Linear(query_dim, inner, bias=False)
+        self.to_k = ops.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = ops.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -91,9 +105,9 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int) -> None:
+    def __init__(self, dim_in: int, dim_out: int, ops: Operations = TorchOperations) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = ops.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -101,13 +115,15 @@ class GEGLU(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int) -> None:
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, context_dim: int, ops: Operations = TorchOperations
+    ) -> None:
         super().__init__()
-        self.attn1 = CrossAttention(dim, heads, dim_head)
+        self.attn1 = CrossAttention(dim, heads, dim_head, ops=ops)
         self.ff = nn.Module()
-        self.ff.net = nn.Sequential(GEGLU(dim, dim * 4), nn.Dropout(0.0), nn.Linear(dim * 4, dim))
-        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ff.net = nn.Sequential(GEGLU(dim, dim * 4, ops), nn.Dropout(0.0), ops.Linear(dim * 4, dim))
+        self.attn2 = CrossAttention(dim, heads, dim_head, context_dim, ops)
+        self.norm1, self.norm2, self.norm3 = ops.LayerNorm(dim), ops.LayerNorm(dim), ops.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
@@ -119,17 +135,24 @@ class SpatialTransformer(nn.Module):
     """Image-to-sequence transformer; SD2.x / SDXL project with Linear, SD1.x with 1x1 convs."""
 
     def __init__(
-        self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, use_linear: bool
+        self,
+        channels: int,
+        heads: int,
+        dim_head: int,
+        depth: int,
+        context_dim: int,
+        use_linear: bool,
+        ops: Operations = TorchOperations,
     ):
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
-        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.norm = ops.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = ops.Linear(channels, inner) if use_linear else ops.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim) for _ in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, ops) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        self.proj_out = ops.Linear(inner, channels) if use_linear else ops.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -164,10 +187,10 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-def _zero_conv(channels: int) -> TimestepEmbedSequential:
+def _zero_conv(channels: int, ops: Operations) -> TimestepEmbedSequential:
     # "Zero convolution" (paper section 3.1): a 1x1 conv initialised to zero, so an untrained ControlNet
     # adds exactly nothing to the frozen UNet.
-    conv = nn.Conv2d(channels, channels, 1)
+    conv = ops.Conv2d(channels, channels, 1)
     if conv.weight.device.type != "meta":
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
@@ -178,11 +201,11 @@ class UnionAttention(nn.Module):
     """Self-attention with one packed q/k/v projection (``in_proj``), as torch's nn.MultiheadAttention
     (xinsir, diffusers) and ComfyUI's ``OptimizedAttention``: attends over dim 1 of a B x N x C input."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, ops: Operations = TorchOperations) -> None:
         super().__init__()
         self.heads = heads
-        self.in_proj = nn.Linear(dim, 3 * dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.in_proj = ops.Linear(dim, 3 * dim)
+        self.out_proj = ops.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -201,14 +224,14 @@ class UnionTransformerLayer(nn.Module):
     """One pre-norm block of the Union fusion transformer (ComfyUI's ``ResBlockUnionControlnet``, CLIP's
     ``ResidualAttentionBlock``): x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, ops: Operations = TorchOperations) -> None:
         super().__init__()
-        self.attn = UnionAttention(dim, heads)
-        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = UnionAttention(dim, heads, ops)
+        self.ln_1 = ops.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            OrderedDict(c_fc=nn.Linear(dim, 4 * dim), gelu=QuickGELU(), c_proj=nn.Linear(4 * dim, dim))
+            OrderedDict(c_fc=ops.Linear(dim, 4 * dim), gelu=QuickGELU(), c_proj=ops.Linear(4 * dim, dim))
         )
-        self.ln_2 = nn.LayerNorm(dim)
+        self.ln_2 = ops.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -219,11 +242,13 @@ class ControlAddEmbedding(nn.Module):
     """Union's control-type embedding: the 0/1 type vector, each entry sinusoid-embedded and flattened,
     through Linear-SiLU-Linear (diffusers ``control_type_proj`` + ``control_add_embedding``)."""
 
-    def __init__(self, type_dim: int, num_types: int, out_dim: int) -> None:
+    def __init__(
+        self, type_dim: int, num_types: int, out_dim: int, ops: Operations = TorchOperations
+    ) -> None:
         super().__init__()
         self.type_dim, self.num_types = type_dim, num_types
-        self.linear_1 = nn.Linear(type_dim * num_types, out_dim)
-        self.linear_2 = nn.Linear(out_dim, out_dim)
+        self.linear_1 = ops.Linear(type_dim * num_types, out_dim)
+        self.linear_2 = ops.Linear(out_dim, out_dim)
 
     def forward(self, types: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         # The result depends only on the types and the weights: computed once and reused, which also keeps the
@@ -261,17 +286,23 @@ class ControlNet(nn.Module):
 
     injection = "output"  # control-module protocol: residuals go to the UNet's skips and middle block
 
-    def __init__(self, config: ControlNetConfig, name: str = "ControlNet") -> None:
+    compute_dtype: torch.dtype | None = None
+    """Set by a host whose operations cast per layer: inputs are cast to it, weights stay in their storage dtype."""
+
+    def __init__(
+        self, config: ControlNetConfig, name: str = "ControlNet", operations: Operations = TorchOperations
+    ) -> None:
         super().__init__()
+        ops = operations
         self.config = config
         self.name = name
         self.global_average_pooling = False  # shuffle ControlNets; applied by the residual stack
         mc, ted = config.model_channels, config.time_embed_dim
 
-        self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
+        self.time_embed = nn.Sequential(ops.Linear(mc, ted), nn.SiLU(), ops.Linear(ted, ted))
         if config.adm_in_channels is not None:
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(config.adm_in_channels, ted), nn.SiLU(), nn.Linear(ted, ted))
+                nn.Sequential(ops.Linear(config.adm_in_channels, ted), nn.SiLU(), ops.Linear(ted, ted))
             )
 
         # Hint encoder: 8 3x3 convs, pixel space -> latent grid, last one zero-initialised.
@@ -279,35 +310,35 @@ class ControlNet(nn.Module):
         layers: list[nn.Module] = []
         for i in range(len(widths) - 1):
             stride = 2 if i in (2, 4, 6) else 1
-            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, padding=1, stride=stride), nn.SiLU()]
+            layers += [ops.Conv2d(widths[i], widths[i + 1], 3, padding=1, stride=stride), nn.SiLU()]
         self.input_hint_block = TimestepEmbedSequential(*layers[:-1])
         if layers[-2].weight.device.type != "meta":
             nn.init.zeros_(layers[-2].weight)
             nn.init.zeros_(layers[-2].bias)
 
-        blocks = [TimestepEmbedSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
-        zero_convs = [_zero_conv(mc)]
+        blocks = [TimestepEmbedSequential(ops.Conv2d(config.in_channels, mc, 3, padding=1))]
+        zero_convs = [_zero_conv(mc, ops)]
         depths = iter(config.transformer_depth)
         ch = mc
         for level, (mult, n_res) in enumerate(zip(config.channel_mult, config.num_res_blocks, strict=True)):
             for _ in range(n_res):
-                block: list[nn.Module] = [ResBlock(ch, ted, mult * mc)]
+                block: list[nn.Module] = [ResBlock(ch, ted, mult * mc, ops)]
                 ch = mult * mc
                 if (depth := next(depths)) > 0:
                     block.append(
                         SpatialTransformer(
-                            ch, *config.heads(ch), depth, config.context_dim, config.use_linear
+                            ch, *config.heads(ch), depth, config.context_dim, config.use_linear, ops
                         )
                     )
                 blocks.append(TimestepEmbedSequential(*block))
-                zero_convs.append(_zero_conv(ch))
+                zero_convs.append(_zero_conv(ch, ops))
             if level != len(config.channel_mult) - 1:
-                blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                zero_convs.append(_zero_conv(ch))
+                blocks.append(TimestepEmbedSequential(Downsample(ch, ops)))
+                zero_convs.append(_zero_conv(ch, ops))
         self.input_blocks = nn.ModuleList(blocks)
         self.zero_convs = nn.ModuleList(zero_convs)
 
-        middle: list[nn.Module] = [ResBlock(ch, ted)]
+        middle: list[nn.Module] = [ResBlock(ch, ted, ops=ops)]
         if config.transformer_depth_middle >= 0:
             middle += [
                 SpatialTransformer(
@@ -316,21 +347,25 @@ class ControlNet(nn.Module):
                     config.transformer_depth_middle,
                     config.context_dim,
                     config.use_linear,
+                    ops,
                 ),
-                ResBlock(ch, ted),
+                ResBlock(ch, ted, ops=ops),
             ]
         self.middle_block = TimestepEmbedSequential(*middle)
-        self.middle_block_out = _zero_conv(ch)
+        self.middle_block_out = _zero_conv(ch, ops)
 
         if config.union_num_control_types is not None:
             # Fusion tokens are hint features, so everything is model_channels wide (xinsir: 320).
             n = config.union_num_control_types
             self.task_embedding = nn.Parameter(torch.empty(n, mc))
             self.transformer_layes = nn.Sequential(  # sic: the published files' spelling
-                *(UnionTransformerLayer(mc, config.union_num_heads) for _ in range(config.union_num_layers))
+                *(
+                    UnionTransformerLayer(mc, config.union_num_heads, ops)
+                    for _ in range(config.union_num_layers)
+                )
             )
-            self.spatial_ch_projs = nn.Linear(mc, mc)
-            self.control_add_embedding = ControlAddEmbedding(config.union_type_embed_dim, n, ted)
+            self.spatial_ch_projs = ops.Linear(mc, mc)
+            self.control_add_embedding = ControlAddEmbedding(config.union_type_embed_dim, n, ted, ops)
             if self.task_embedding.device.type != "meta":
                 nn.init.normal_(self.task_embedding, std=mc**0.5)  # diffusers' init: sqrt(C) * randn
 
@@ -348,7 +383,8 @@ class ControlNet(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.time_embed[0].weight.dtype
+        """The dtype this module computes in (its weights' unless a host set ``compute_dtype``)."""
+        return self.compute_dtype or self.time_embed[0].weight.dtype
 
     def _bad(self, what: str) -> ControlNetError:
         return ControlNetError(f"{self.name}: {what}")
@@ -509,7 +545,7 @@ class ControlNet(nn.Module):
         multi = len(conditions) > 1  # one condition: the caller scales the residuals instead
         feats, conds = [], []
         for cond, t, s in zip(conditions, types, scales, strict=True):
-            feat = cond.mean(dim=(2, 3)) + self.task_embedding[t].to(cond.dtype)
+            feat = cond.mean(dim=(2, 3)) + self.task_embedding[t].to(device=cond.device, dtype=cond.dtype)
             feats.append(feat * s if multi else feat)
             conds.append(cond * s if multi else cond)
         if latent_token:
@@ -531,11 +567,12 @@ def build_controlnet(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     name: str = "ControlNet",
+    operations: Operations | None = None,
 ) -> ControlNet:
     """A ControlNet with fresh weights (zero convs zero, as in training) or, on ``device="meta"``,
-    an empty shell for ``load_state_dict(assign=True)``."""
+    an empty shell for ``load_state_dict(assign=True)``. ``operations``: the layer classes (see ``ops.py``)."""
     with torch.device(device or "cpu"):
-        model = ControlNet(config, name=name)
+        model = ControlNet(config, name=name, operations=operations or TorchOperations)
     if dtype is not None:
         model.to(dtype)
     return model.eval().requires_grad_(False)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ControlNetError
+from .ops import Operations, TorchOperations
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,11 @@ class _Downsample(nn.Module):
     which gives the same sizes but other values on odd sides).
     """
 
-    def __init__(self, channels: int, use_conv: bool) -> None:
+    def __init__(self, channels: int, use_conv: bool, ops: Operations = TorchOperations) -> None:
         super().__init__()
         self.use_conv = use_conv
         if use_conv:
-            self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+            self.op = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_conv:
@@ -89,15 +90,17 @@ class _ResnetBlock(nn.Module):
     (forks disagree on its input width, and no published adapter has one).
     """
 
-    def __init__(self, in_c: int, out_c: int, down: bool, ksize: int, use_conv: bool) -> None:
+    def __init__(
+        self, in_c: int, out_c: int, down: bool, ksize: int, use_conv: bool, ops: Operations = TorchOperations
+    ) -> None:
         super().__init__()
         ps = ksize // 2
-        self.down_opt = _Downsample(in_c, use_conv) if down else None
+        self.down_opt = _Downsample(in_c, use_conv, ops) if down else None
         self.in_conv = (
-            nn.Conv2d(in_c, out_c, ksize, 1, ps) if in_c != out_c else None
+            ops.Conv2d(in_c, out_c, ksize, 1, ps) if in_c != out_c else None
         )  # only where width changes
-        self.block1 = nn.Conv2d(out_c, out_c, 3, 1, 1)
-        self.block2 = nn.Conv2d(out_c, out_c, ksize, 1, ps)
+        self.block1 = ops.Conv2d(out_c, out_c, 3, 1, 1)
+        self.block2 = ops.Conv2d(out_c, out_c, ksize, 1, ps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.down_opt is not None:
@@ -111,10 +114,10 @@ class _ResnetBlock(nn.Module):
 class _LightResnetBlock(nn.Module):
     """``ResnetBlock_light``: x + block2(ReLU(block1(x)))."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, ops: Operations = TorchOperations) -> None:
         super().__init__()
-        self.block1 = nn.Conv2d(c, c, 3, 1, 1)
-        self.block2 = nn.Conv2d(c, c, 3, 1, 1)
+        self.block1 = ops.Conv2d(c, c, 3, 1, 1)
+        self.block2 = ops.Conv2d(c, c, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.block2(F.relu(self.block1(x)))
@@ -123,12 +126,14 @@ class _LightResnetBlock(nn.Module):
 class _Extractor(nn.Module):
     """Light adapter stage (``extractor``): [avg-pool] -> 1x1 in_conv -> light blocks -> 1x1 out_conv."""
 
-    def __init__(self, in_c: int, inter_c: int, out_c: int, nums_rb: int, down: bool) -> None:
+    def __init__(
+        self, in_c: int, inter_c: int, out_c: int, nums_rb: int, down: bool, ops: Operations = TorchOperations
+    ) -> None:
         super().__init__()
         self.down_opt = _Downsample(in_c, use_conv=False) if down else None
-        self.in_conv = nn.Conv2d(in_c, inter_c, 1, 1, 0)
-        self.body = nn.Sequential(*[_LightResnetBlock(inter_c) for _ in range(nums_rb)])
-        self.out_conv = nn.Conv2d(inter_c, out_c, 1, 1, 0)
+        self.in_conv = ops.Conv2d(in_c, inter_c, 1, 1, 0)
+        self.body = nn.Sequential(*[_LightResnetBlock(inter_c, ops) for _ in range(nums_rb)])
+        self.out_conv = ops.Conv2d(inter_c, out_c, 1, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.down_opt is not None:
@@ -147,8 +152,14 @@ class T2IAdapter(nn.Module):
     kind = "t2i_adapter"
     injection = "input"
 
-    def __init__(self, config: T2IAdapterConfig, name: str = "T2I-Adapter") -> None:
+    compute_dtype: torch.dtype | None = None
+    """Set by a host whose operations cast per layer: inputs are cast to it, weights stay in their storage dtype."""
+
+    def __init__(
+        self, config: T2IAdapterConfig, name: str = "T2I-Adapter", operations: Operations = TorchOperations
+    ) -> None:
         super().__init__()
+        ops = operations
         self.config = config
         self.name = name
         c = config.channels
@@ -156,7 +167,7 @@ class T2IAdapter(nn.Module):
             # Adapter_light: stage i maps c[i-1] (cin for the first) to c[i] through c[i] // 4 channels.
             ins = (config.cin, *c[:-1])
             self.body = nn.ModuleList(
-                _Extractor(ins[i], c[i] // 4, c[i], config.nums_rb, down=i > 0) for i in range(_STAGES)
+                _Extractor(ins[i], c[i] // 4, c[i], config.nums_rb, i > 0, ops) for i in range(_STAGES)
             )
         else:
             # Adapter: the first block of a stage changes the width; SD1/SD2 stages 1-3 downsample, SDXL only
@@ -167,9 +178,9 @@ class T2IAdapter(nn.Module):
                 for j in range(config.nums_rb):
                     in_c = c[i - 1] if j == 0 and i > 0 else c[i]
                     down = j == 0 and i in downsample
-                    blocks.append(_ResnetBlock(in_c, c[i], down, config.ksize, config.use_conv))
+                    blocks.append(_ResnetBlock(in_c, c[i], down, config.ksize, config.use_conv, ops))
             self.body = nn.ModuleList(blocks)
-            self.conv_in = nn.Conv2d(config.cin, c[0], 3, 1, 1)
+            self.conv_in = ops.Conv2d(config.cin, c[0], 3, 1, 1)
         self.eval().requires_grad_(False)
 
     # -- protocol -------------------------------------------------------------------------------------------
@@ -193,7 +204,8 @@ class T2IAdapter(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The dtype this module computes in (its weights' unless a host set ``compute_dtype``)."""
+        return self.compute_dtype or next(self.parameters()).dtype
 
     @property
     def unshuffle_amount(self) -> int:
@@ -430,10 +442,11 @@ def build_t2i_adapter(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     name: str = "T2I-Adapter",
+    operations: Operations | None = None,
 ) -> T2IAdapter:
     """An adapter with default-initialised (or, on ``meta``, unallocated) weights."""
     with torch.device(device or "cpu"):
-        model = T2IAdapter(config, name=name)
+        model = T2IAdapter(config, name=name, operations=operations or TorchOperations)
     return model.to(dtype=dtype) if dtype is not None else model
 
 
@@ -442,6 +455,7 @@ def load_t2i_adapter(
     name: str,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    operations: Operations | None = None,
 ) -> T2IAdapter:
     """Load a T2I-Adapter from a state dict in any supported layout (see ``is_t2i_adapter``).
 
@@ -451,7 +465,7 @@ def load_t2i_adapter(
     """
     sd = _unwrap(tensors, name)
     config = config_from_state_dict(sd, name)
-    model = build_t2i_adapter(config, device="meta", name=name)
+    model = build_t2i_adapter(config, device="meta", name=name, operations=operations)
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     if missing:
