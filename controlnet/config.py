@@ -140,9 +140,15 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "state
     def need(key: str) -> tuple[int, ...]:
         if key not in shapes:
             raise ControlNetError(f"{name}: {what} tensor {key!r} is missing")
+        if len(shapes[key]) != 4:  # every tensor read through need() is a conv weight
+            raise ControlNetError(f"{name}: {what} tensor {key!r} has shape {tuple(shapes[key])}, not 4-D")
         return tuple(shapes[key])
 
     model_channels, in_channels = need("input_blocks.0.0.weight")[:2]
+    if model_channels <= 0 or model_channels % 32:  # GroupNorm(32) everywhere; 0 would divide below
+        raise ControlNetError(
+            f"{name}: conv_in has {model_channels} channels, not a UNet's (a multiple of 32)"
+        )
     hint_channels = need("input_hint_block.0.weight")[1]
     hint_widths = tuple(need(f"input_hint_block.{2 * i}.weight")[0] for i in range(7))
     if need("input_hint_block.14.weight")[0] != model_channels:
@@ -178,6 +184,9 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], name: str = "state
 
     attn_keys = sorted(k for k in shapes if k.endswith(".attn2.to_k.weight"))
     proj_keys = [k for k in shapes if k.endswith(".proj_in.weight")]
+    for k in ("label_emb.0.0.weight", *attn_keys[:1]):  # Linear weights
+        if k in shapes and len(shapes[k]) != 2:
+            raise ControlNetError(f"{name}: {what} tensor {k!r} has shape {tuple(shapes[k])}, not 2-D")
     adm = shapes["label_emb.0.0.weight"][1] if "label_emb.0.0.weight" in shapes else None
     if attn_keys and proj_keys:
         context_dim = shapes[attn_keys[0]][1]
@@ -224,12 +233,17 @@ def _union_from_shapes(shapes: Mapping[str, tuple[int, ...]], model_channels: in
     """
     if "task_embedding" not in shapes:
         return {}
+    key = "control_add_embedding.linear_1.weight"
+    for k in ("task_embedding", key):
+        if k in shapes and (len(shapes[k]) != 2 or 0 in shapes[k]):
+            raise ControlNetError(
+                f"{name}: Union tensor {k!r} has shape {tuple(shapes[k])}, not a 2-D weight"
+            )
     n_types, width = shapes["task_embedding"]
     if width != model_channels:
         raise ControlNetError(
             f"{name}: Union task_embedding is {width} wide, expected conv_in's {model_channels} channels"
         )
-    key = "control_add_embedding.linear_1.weight"
     if key not in shapes:
         raise ControlNetError(f"{name}: ControlNet Union tensor {key!r} is missing")
     type_in = shapes[key][1]

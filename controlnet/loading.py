@@ -7,13 +7,17 @@ loading needs about one copy of the weights beyond the result.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
+import pickletools
+import re
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -21,6 +25,7 @@ from .config import ControlNetConfig, config_from_shapes
 from .convert import DIFFERENCE_KEY, to_ldm_keys, unet_to_ldm_keys
 from .errors import ControlNetError
 from .model import ControlNet, build_controlnet
+from .ops import Operations
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +85,193 @@ def _read_safetensors(path: Path, name: str) -> _Tensors:
     return _Tensors(name, shapes, dtypes, get)
 
 
+# What a pickle may import: torch's weights-only allowlist (tensor rebuilders, storages, dtypes, OrderedDict,
+# ...). Anything else is refused before torch.load runs, so a legacy and a zip pickle get the same message.
+def _allowed_globals() -> set[str] | None:
+    try:  # private to torch; without it, torch's own refusal (parsed below) still names the global
+        from torch._weights_only_unpickler import _get_allowed_globals, _get_user_allowed_globals
+
+        return set(_get_allowed_globals()) | set(_get_user_allowed_globals())
+    except Exception:
+        return None
+
+
+# Bytes per element of the storage classes a legacy pickle names (torch.FloatStorage, ...): enough to bound
+# the bytes a file declares before torch allocates them (it allocates every storage before reading it).
+_STORAGE_ITEMSIZE = {
+    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1, "Byte": 1,
+    "Bool": 1, "ComplexFloat": 8, "ComplexDouble": 16, "Untyped": 1,
+}  # fmt: skip
+# A deflate-compressed zip may expand; beyond this multiple of the file's size it is refused, not inflated.
+_ZIP_EXPANSION = 4
+# Lines of torch.load's messages that advise turning the safety off or filing torch issues: never shown.
+_TORCH_ADVICE = (
+    "weights_only", "weights only load failed", "safe_globals", "please file an issue", "check the documentation",
+    "do those steps only", "alternatively", "will likely succeed",
+)  # fmt: skip
+
+
+class _Global(str):
+    """A global a pickle names ("module.name"), as a value on the simulated stack."""
+
+
+class _CappedReader:
+    """A file whose read(n) never asks for more than is left: a length field claiming 4 GiB in a small file
+    must not make Python allocate 4 GiB up front (BufferedReader.read(n) does)."""
+
+    def __init__(self, fh, size: int) -> None:
+        self.fh, self.size = fh, size
+        self.readline, self.tell = fh.readline, fh.tell
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.fh.tell()
+        return self.fh.read(left if n < 0 else min(n, left))
+
+
+def _scan_pickle(stream, imports: list[str], storages: dict[object, int]) -> None:
+    """Walk one pickle's opcodes WITHOUT running it (pickletools only parses): record every global it names
+    in ``imports`` and the bytes of every storage it declares (legacy persistent ids
+    ``("storage", type, key, location, numel, view)``) in ``storages``. Raises ValueError if malformed."""
+    mark = object()
+    stack: list[object] = []
+    memo: dict[int, object] = {}
+
+    def pop(n: int) -> list[object]:
+        if n > len(stack) or mark in stack[len(stack) - n :]:
+            raise ValueError("pickle stack underflow")
+        out = stack[len(stack) - n :]
+        del stack[len(stack) - n :]
+        return out
+
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            if not stack:
+                raise ValueError("pickle memoizes an empty stack")
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if name == "MARK":
+            stack.append(mark)
+            continue
+        if pickletools.markobject in op.stack_before:
+            if mark not in stack:
+                raise ValueError("pickle has no MARK to pop to")
+            at = len(stack) - 1 - stack[::-1].index(mark)
+            popped = stack[at + 1 :]
+            del stack[at:]
+            pop(op.stack_before.index(pickletools.markobject))
+        else:
+            popped = pop(len(op.stack_before))
+        value: object = None
+        if name in ("GLOBAL", "INST"):
+            value = _Global(str(arg).replace(" ", "."))
+            imports.append(value)
+        elif name == "STACK_GLOBAL":
+            module, attr = popped
+            value = _Global(
+                f"{module}.{attr}"
+                if isinstance(module, str) and isinstance(attr, str)
+                else "(a computed name)"
+            )
+            imports.append(value)
+        elif name.startswith("TUPLE") or name == "EMPTY_TUPLE":
+            value = tuple(popped)
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            value = memo.get(arg)
+        elif name == "BINPERSID" and isinstance(pid := popped[0], tuple) and len(pid) == 6:
+            kind, storage_type, key, _, numel, _ = pid
+            if kind in ("storage", b"storage") and isinstance(numel, int):
+                typename = str(storage_type).rsplit(".", 1)[-1].removesuffix("Storage")
+                storages[key] = max(storages.get(key, 0), numel * _STORAGE_ITEMSIZE.get(typename, 1))
+        elif not op.stack_before and op.arg is not None:
+            value = arg  # ints, strings, bytes, floats: kept so tuples above see them
+        stack.extend([value] * len(op.stack_after))
+
+
+def _check_pickle(path: Path, name: str, is_zip: bool) -> bool:
+    """Refuse, before torch.load, a pickle that imports anything but weights, or declares more data than the
+    file holds (or a zip that would inflate far beyond it): torch would allocate it before noticing.
+
+    Returns whether the file can be memory-mapped (a zip with only stored, uncompressed entries)."""
+    size = path.stat().st_size
+    imports: list[str] = []
+    storages: dict[object, int] = {}
+    error, stored = None, False
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as z:
+                infos = z.infolist()
+                stored = all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+                declared = sum(i.file_size for i in infos)
+                if declared > _ZIP_EXPANSION * size:
+                    raise ControlNetError(
+                        f"{name}: corrupt checkpoint: its zip entries declare {declared} bytes, more than "
+                        f"{_ZIP_EXPANSION} x the file's {size} bytes"
+                    )
+                for info in infos:
+                    if info.filename.endswith("data.pkl"):
+                        _scan_pickle(io.BytesIO(z.read(info)), imports, storages)
+        else:
+            # torch.save's legacy format: pickles of the magic number, the protocol, sys info, the object
+            # (with the storage ids) and the storage keys, then the raw storages.
+            with open(path, "rb") as fh:
+                reader = _CappedReader(fh, size)
+                for _ in range(5):
+                    if fh.tell() >= size:
+                        break
+                    _scan_pickle(reader, imports, storages)
+    except ControlNetError:
+        raise
+    except Exception as e:  # malformed opcodes, truncated data, a broken zip directory
+        error = e
+    allowed = _allowed_globals()
+    refused = list(dict.fromkeys(g for g in imports if allowed is not None and g not in allowed))
+    if refused:
+        _refuse_code(name, refused)
+    if error is not None:
+        raise ControlNetError(
+            f"{name}: corrupt or not a checkpoint ({type(error).__name__}: {error})"
+        ) from error
+    declared = sum(storages.values())
+    if declared > size:
+        raise ControlNetError(
+            f"{name}: corrupt checkpoint: it declares {declared} bytes of tensor data but the file has {size}"
+        )
+    return stored
+
+
+def _refuse_code(name: str, imports: list[str]) -> NoReturn:
+    what = ", ".join(imports[:3]) + (f" and {len(imports) - 3} more" if len(imports) > 3 else "")
+    raise ControlNetError(
+        f"{name}: refused to unpickle: the file asks to import {what}, which is code or an object that is not a "
+        "tensor. Nothing from it was run: only weights are read from pickles. If you trust the file and its source, "
+        "convert it to .safetensors with your own script (torch.load, then "
+        "safetensors.torch.save_file(state_dict, 'model.safetensors')) and load that instead."
+    )
+
+
+def _torch_reason(e: BaseException) -> str:
+    """The line of a torch.load error that says what is wrong, without torch's advice."""
+    lines = (ln.strip().removeprefix("WeightsUnpickler error:").strip() for ln in str(e).splitlines())
+    kept = [ln for ln in lines if ln and not any(a in ln.lower() for a in _TORCH_ADVICE)]
+    return f"{type(e).__name__}: {kept[0][:200]}" if kept else type(e).__name__
+
+
 def _read_pickle(path: Path, name: str) -> _Tensors:
     # weights_only=True: the unpickler only builds tensors and containers, no code from the file runs.
-    mmap = zipfile.is_zipfile(path)  # mmap needs the zip format; legacy pickles are read whole
+    # mmap needs the zip format with stored (uncompressed) entries: with deflated ones torch would map the
+    # compressed bytes as weights. Legacy pickles and compressed zips are read whole.
+    mmap = _check_pickle(path, name, zipfile.is_zipfile(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        # The weights-only unpickler names the callable a malicious file asks for ("Unsupported global");
-        # anything else it rejects is just not a pickle.
-        detail = next((ln.strip() for ln in str(e).splitlines() if "global" in ln.lower()), None)
-        if detail is None:
-            raise ControlNetError(
-                f"{name}: corrupt or not a checkpoint ({str(e).splitlines()[0][:200]})"
-            ) from e
-        raise ControlNetError(
-            f"{name}: refused to unpickle: the file asks to run code or build non-tensor objects ({detail}); "
-            "only weights are loaded from pickles. Convert it to .safetensors if you trust it."
-        ) from e
+        # The imports were checked above; torch's own refusal is the fallback if its allowlist moved.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            _refuse_code(name, [found.group(1)])
+        raise ControlNetError(f"{name}: corrupt or not a checkpoint ({_torch_reason(e)})") from e
     except Exception as e:  # truncated zip, garbage bytes, ...
-        raise ControlNetError(f"{name}: corrupt or truncated checkpoint ({type(e).__name__}: {e})") from e
+        raise ControlNetError(f"{name}: corrupt or truncated checkpoint ({_torch_reason(e)})") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # Lightning .ckpt
         obj = obj["state_dict"]
     if isinstance(obj, Mapping) and isinstance(obj.get("adapter"), Mapping):  # TencentARC's T2I-Adapter .pth
@@ -149,12 +322,14 @@ def load_controlnet(
     *,
     base_unet: Source | None = None,
     name: str | None = None,
+    operations: Operations | None = None,
 ) -> ControlNet:
     """Load a ControlNet (arXiv 2302.05543) from a file, a diffusers folder or a state dict.
 
     ``dtype`` defaults to the checkpoint's storage dtype. ``base_unet`` (path or state dict of the base
     SD model or its UNet) is needed only for "difference" files, whose weights are ControlNet minus UNet.
     ``name`` is used in messages and for the shuffle heuristic when ``source`` is a state dict.
+    ``operations``: the layer classes to build with (plain torch by default; see ``ops.py``).
     """
     t = read_tensors(source, name)
     layout, keymap = to_ldm_keys(t.shapes, t.name)
@@ -174,7 +349,7 @@ def load_controlnet(
         base = read_tensors(base_unet, None if not isinstance(base_unet, Mapping) else "base_unet state dict")
         base_map = unet_to_ldm_keys(base.shapes)
 
-    model = build_controlnet(config, device="meta", name=label)
+    model = build_controlnet(config, device="meta", name=label, operations=operations)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(keymap))
     if missing:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from cn_helpers import random_inputs, tiny_controlnet, to_diffusers_state_dict
 from controlstack.controlnet import ControlNetError, load_controlnet
-from controlstack.controlnet.kinds import load_control
+from controlstack.controlnet.kinds import describe_file, file_kind, load_control
+from controlstack.controlnet.loading import read_tensors
 from safetensors.torch import save_file
 
 pytestmark = pytest.mark.unit
@@ -30,8 +34,41 @@ def _raises(path, *words, **kw):
     return msg
 
 
-def test_error_type_is_value_error():
-    assert issubclass(ControlNetError, ValueError)
+# Every public entry that opens a control file: each must turn every bad file into ControlNetError naming it.
+ENTRIES = {
+    "load_control": load_control,
+    "load_controlnet": load_controlnet,
+    "file_kind": file_kind,
+    "describe_file": describe_file,
+    "read_tensors": read_tensors,
+}
+BAD_FILES = {
+    "missing.safetensors": None,
+    "empty.pth": b"",
+    "garbage.ckpt": bytes(range(256)) * 16,
+    "bad_json.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!!!!}",
+    "huge_header.safetensors": (2**62).to_bytes(8, "little") + b"{}",
+    "not_a_pickle.pth": b"\x80\x02K\x01K\x02\x85" + bytes(64),  # a pickle that never STOPs
+    "text.bin": b"just some text, not a checkpoint\n" * 8,
+}
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+@pytest.mark.parametrize("bad", sorted(BAD_FILES))
+def test_every_entry_refuses_bad_files_by_name(tmp_path, entry, bad):
+    """Not "is a ValueError": every entry point x every kind of broken file -> the one error type, naming the
+    file and saying what is wrong (a traceback of IndexError / UnpicklingError here would reach the user)."""
+    path = tmp_path / bad
+    if BAD_FILES[bad] is not None:
+        path.write_bytes(BAD_FILES[bad])
+    with pytest.raises(ControlNetError) as info:
+        ENTRIES[entry](path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: "), msg
+    assert any(w in msg for w in ("no such file", "empty", "corrupt", "safetensors", "not a checkpoint")), msg
+    assert "weights_only" not in msg, msg
+    # ComfyUI shows a ValueError's text as is; callers catching ValueError keep working
+    assert isinstance(info.value, ValueError)
 
 
 def test_missing_empty_and_garbage_files(tmp_path):
@@ -54,17 +91,97 @@ def test_truncated_files(tmp_path, sd):
 
 
 class _RunsCode:
+    """Unpickling calls os.system(command): what a malicious checkpoint does."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
     def __reduce__(self):
-        return (os.system, ("touch PWNED_BY_PICKLE",))
+        return (os.system, (self.command,))
+
+
+class _Custom:
+    """A class that is not a tensor: unpickling it would import this module."""
+
+
+def _hand_pickles(marker: Path) -> dict[str, bytes]:
+    """Pickles that ask to run code, written opcode by opcode (GLOBAL / INST / STACK_GLOBAL + REDUCE)."""
+    cmd = f"touch {marker}".encode()
+    return {
+        # protocol 0: GLOBAL 'os system', MARK, STRING, TUPLE, REDUCE, STOP
+        "global_p0": b"cos\nsystem\n(S'" + cmd + b"'\ntR.",
+        # INST: MARK, STRING, INST 'os system' (calls it with the marked args), STOP
+        "inst_p0": b"(S'" + cmd + b"'\nios\nsystem\n.",
+        # protocol 2: GLOBAL builtins.exec with a code string
+        "exec_p2": b"\x80\x02cbuiltins\nexec\nq\x00X"
+        + len(b"open('%s', 'w')" % str(marker).encode()).to_bytes(4, "little")
+        + b"open('%s', 'w')" % str(marker).encode()
+        + b"\x85R.",
+        # protocol 4 (FRAME, STACK_GLOBAL): torch's unpickler stops at FRAME without naming the import
+        "stack_global_p4": pickle.dumps(_RunsCode(f"touch {marker}"), protocol=4),
+        "dict_p5": pickle.dumps({"w": torch.zeros(2), "x": _RunsCode(f"touch {marker}")}, protocol=5),
+    }
+
+
+def _assert_refused_code(path: Path, imported: str, msg: str) -> None:
+    assert msg.startswith(f"{path}: refused to unpickle"), msg
+    assert "asks to import " in msg and f" {imported}" in msg.split(", which is")[0], msg  # what it imports
+    assert "Nothing from it was run" in msg, msg
+    assert ".safetensors" in msg and "save_file" in msg, msg  # how to convert it
+    assert "weights_only" not in msg and "safe_globals" not in msg, msg  # never advice to turn safety off
 
 
 def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch, sd):
+    """Zip and legacy torch.save files, raw pickles of every protocol: all get the same message, none runs."""
     monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "PWNED_BY_PICKLE"
+    system = os.system.__module__ + ".system"  # posix.system on Linux
+    messages = {}
     for legacy in (False, True):
-        path = tmp_path / f"evil_{legacy}.pth"
-        torch.save({**sd, "payload": _RunsCode()}, path, _use_new_zipfile_serialization=not legacy)
-        _raises(path, "refused")
-    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+        for payload, imported in ((_RunsCode(f"touch {marker}"), system), (_Custom(), f"{__name__}._Custom")):
+            path = tmp_path / f"evil_{legacy}_{type(payload).__name__}.pth"
+            torch.save({**sd, "payload": payload}, path, _use_new_zipfile_serialization=not legacy)
+            msg = _raises(path)
+            _assert_refused_code(path, imported, msg)
+            messages[legacy, imported] = msg.removeprefix(str(path))
+    # legacy and zip: the same message
+    assert messages[False, system] == messages[True, system]
+    assert messages[False, f"{__name__}._Custom"] == messages[True, f"{__name__}._Custom"]
+    for kind, data in _hand_pickles(marker).items():
+        path = tmp_path / f"{kind}.ckpt"
+        path.write_bytes(data)
+        imported = {"global_p0": "os.system", "inst_p0": "os.system", "exec_p2": "builtins.exec"}.get(
+            kind, system
+        )
+        _assert_refused_code(path, imported, _raises(path))
+        with pytest.raises(ControlNetError, match="refused to unpickle"):
+            file_kind(path)
+    assert not marker.exists()
+    # the same bytes DO run code through a plain unpickler: the payload is live, the refusal is what stopped it
+    pickle.loads(_hand_pickles(marker)["global_p0"])
+    assert marker.exists()
+
+
+def test_pickle_refusal_before_torch_sees_it(tmp_path, sd):
+    """Refusal comes from our opcode scan, so it holds even where torch's own unpickler would fail first
+    (protocol 4 frames) or name nothing: the message names the import in both formats."""
+    marker = tmp_path / "ran"
+    data = _hand_pickles(marker)["stack_global_p4"]
+    with pytest.raises(pickle.UnpicklingError) as info:  # torch alone: a vague "Unsupported operand"
+        torch.load(io.BytesIO(data), weights_only=True)
+    assert "system" not in str(info.value)
+    path = tmp_path / "p4.pth"
+    path.write_bytes(data)
+    _assert_refused_code(path, os.system.__module__ + ".system", _raises(path))
+    assert not marker.exists()
+
+
+def test_corrupt_pickle_message_has_no_torch_advice(tmp_path, sd):
+    """A pickle torch rejects for another reason: "corrupt", the reason, and none of torch's advice."""
+    path = tmp_path / "opcode.pth"
+    path.write_bytes(b"\x80\x02}q\x00X\x01\x00\x00\x00a\x93.")  # STACK_GLOBAL on a 1-item stack
+    msg = _raises(path, "corrupt")
+    assert "weights_only" not in msg and "file an issue" not in msg, msg
 
 
 @pytest.mark.parametrize(
