@@ -1,7 +1,8 @@
 """The control report: how strongly each stacked ControlNet pushed on each layer at each step.
 
-`StackRecorder` is a stack observer that keeps the mean |applied residual| per layer for every UNet call, on the
-device (no per-step host sync); `table()` returns it as per-entry (layers x steps) arrays for rendering.
+`StackRecorder` is a run's observer (`ResidualStack.begin_run(..., observer=recorder)`): it keeps the mean |applied
+residual| per layer for every UNet call, on the device (no per-step host sync); `table()` returns it as per-entry
+(layers x steps) arrays for rendering.
 """
 
 from __future__ import annotations

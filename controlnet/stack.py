@@ -10,28 +10,31 @@ T2I-Adapters add features after input blocks ("input" injection, computed once p
 attention q/k/v ("attention" injection, applied through `attention_patch`). Several entries of one Union model with the
 same window, mode, scales and mask run as ONE multi-condition forward (the ProMax path).
 
-Pure torch, no host: the ComfyUI patcher (nodes/patcher.py) drives it through `begin_run` / `control` /
-`attention_patch` / `end_run`.
+Pure torch, no host. A stack holds no per-run state: `begin_run` returns a `StackRun` that holds the run's caches,
+its report observer and its CUDA graphs; the ComfyUI patcher (nodes/patcher.py) calls the run's `control` /
+`attention_patch` at each UNet call, passing that call's noise level, and `end()` when sampling ends.
 
 What makes it fast (see docs/performance.md):
 - each entry's hint is fitted and encoded once per run, not once per step (the hint encoder ignores x, t, context);
 - entries outside their window are skipped, not multiplied by zero; strength 0 entries are never called;
 - residuals are accumulated in place into one set of buffers;
 - on CUDA the whole per-step stack computation is captured once per (shapes, active entries) in a CUDA graph and
-  replayed: the ControlNet pass is launch-bound, so this is where most of the time goes.
+  replayed (controlnet/graphs.py): the ControlNet pass is launch-bound, so this is where most of the time goes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
+from .checks import check_window, finite_float
 from .errors import ControlNetError
+from .graphs import StepGraphs, graph_key
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +115,10 @@ class StackEntry:
             raise ControlNetError(
                 f"{self.name}: mask: expected B x H x W, got shape {tuple(self.mask.shape)}"
             )
-        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
-            raise ControlNetError(
-                f"{self.name}: window: expected 0 <= start <= end <= 1, got {self.start_percent}..{self.end_percent}"
-            )
+        check_window(self.start_percent, self.end_percent, self.name)
+        finite_float(f"{self.name}: strength", self.strength)
+        for i, s in enumerate(self.scales or ()):
+            finite_float(f"{self.name}: scales[{i}]", s)
         if self.union_type is not None and kind_of(self.controlnet) != "union":
             raise ControlNetError(
                 f"{self.name}: a control type ({self.union_type}) only applies to ControlNet Union / ProMax models; "
@@ -220,36 +223,32 @@ def broadcast_rows(t: torch.Tensor, batch: int, chunks: int, what: str) -> torch
     )
 
 
-@dataclass
-class _RunState:
-    sigma_windows: list[tuple[float, float]]
-    hint_fitter: HintFitter | None
-    use_cuda_graphs: bool
-    encoded: dict = field(default_factory=dict)
-    masks: dict = field(default_factory=dict)
-    row_masks: dict = field(default_factory=dict)
-    static: dict = field(default_factory=dict)
-    groups: dict = field(default_factory=dict)
-    graphs: dict = field(default_factory=dict)
-    seen: set = field(default_factory=set)
-    graph_pool: object = None
+def _needs_run(name: str) -> Callable[..., None]:
+    def method(self: ResidualStack, *args, **kwargs) -> None:
+        raise RuntimeError(
+            f"ControlStack: ResidualStack.{name}() needs a run: run = stack.begin_run(percent_to_sigma, ...), then "
+            f"run.{name}(...) at each step and run.end() when sampling ends"
+        )
+
+    method.__name__ = name
+    return method
 
 
 class ResidualStack:
-    """An immutable list of entries plus the per-run caches that make evaluating them cheap."""
+    """An immutable list of entries. Evaluating them belongs to a run: `begin_run` returns a `StackRun`.
+
+    A stack object is shared by every clone of a host MODEL and by every sampling run of it, so it holds nothing per
+    run: no caches, no report observer, no current noise level.
+    """
 
     def __init__(self, entries: Sequence[StackEntry] = ()) -> None:
         self.entries: tuple[StackEntry, ...] = tuple(entries)
-        self._run: _RunState | None = None
-        self.observer: StepObserver | None = None
-        self._sigma: float | None = None
-        self.calls = 0
-        """ControlNet forward passes done (counts eager calls and graph replays of each entry), for tests."""
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __deepcopy__(self, memo: dict) -> ResidualStack:
+        # Immutable: a deep copy (of host options holding a stack) shares the entries and their ControlNets.
         return ResidualStack(self.entries)
 
     def with_entry(self, entry: StackEntry) -> ResidualStack:
@@ -260,54 +259,102 @@ class ResidualStack:
         entries[index] = replace(entries[index], **changes)
         return ResidualStack(entries)
 
-    # -- run lifecycle ------------------------------------------------------------------------------------------
-
     def begin_run(
         self,
-        percent_to_sigma: Callable[[float], float] = lambda p: 1.0 - p,
+        percent_to_sigma: Callable[[float], float],
         hint_fitter: HintFitter | None = None,
         use_cuda_graphs: bool = True,
-    ) -> None:
-        """Start a sampling run: map each window to noise levels, drop caches of any earlier run.
+        observer: StepObserver | None = None,
+        graphs: StepGraphs | None = None,
+    ) -> StackRun:
+        """Start a sampling run: map each window to noise levels; the returned run holds every per-run cache.
 
-        `percent_to_sigma` maps sampling progress (0 = first step, 1 = last) to the noise level the sampler passes;
-        the default treats `sigma` as `1 - percent`.
+        `percent_to_sigma` maps sampling progress (0 = first step, 1 = last) to the noise level the sampler passes
+        (the host model's own schedule; tests use `lambda p: 1.0 - p`). `observer` sees every active entry's
+        applied residuals at every step (the control report); it turns CUDA graphs off for the run, since a replayed
+        graph calls no Python. `graphs` replaces the run's CUDA-graph cache (tests pass one with a stand-in
+        capture). Free the run with `StackRun.end()` (or use it as a context manager).
         """
         windows = [(percent_to_sigma(e.start_percent), percent_to_sigma(e.end_percent)) for e in self.entries]
-        self._run = _RunState(windows, hint_fitter, use_cuda_graphs)
+        if not use_cuda_graphs or observer is not None:
+            graphs = None
+        elif graphs is None:
+            graphs = StepGraphs()
+        return StackRun(self, windows, hint_fitter, graphs, observer)
 
-    def end_run(self) -> None:
-        """Free every per-run buffer (encoded hints, captured graphs)."""
-        self._run = None
+    # A step needs a run: these fail loudly instead of quietly starting one with a made-up schedule.
+    control = _needs_run("control")
+    residuals = _needs_run("residuals")
+    attention_patch = _needs_run("attention_patch")
+    active = _needs_run("active")
 
-    def _state(self) -> _RunState:
-        if self._run is None:
-            self.begin_run()
-        assert self._run is not None
-        return self._run
+
+class StackRun:
+    """One sampling run of a `ResidualStack` (`ResidualStack.begin_run`): the noise-level windows, the hint fitter,
+    the report observer, every per-run cache (encoded hints, masks, T2I features, groups) and the CUDA-graph cache.
+
+    Not shared: each sampling run makes its own, so two runs of one stack (two samplers, two MODEL clones) never see
+    each other's caches or observer. The noise level of a step is an argument of each call.
+    """
+
+    def __init__(
+        self,
+        stack: ResidualStack,
+        sigma_windows: list[tuple[float, float]],
+        hint_fitter: HintFitter | None,
+        graphs: StepGraphs | None,
+        observer: StepObserver | None,
+    ) -> None:
+        self.stack = stack
+        self.entries = stack.entries
+        self.observer = observer
+        self._windows = sigma_windows
+        self._hint_fitter = hint_fitter
+        self._graphs = graphs
+        self._encoded: dict = {}
+        self._masks: dict = {}
+        self._row_masks: dict = {}
+        self._static: dict = {}
+        self._groups: dict = {}
+        self._ended = False
+
+    def end(self) -> None:
+        """Free every per-run buffer (encoded hints, captured graphs); the run cannot be used afterwards."""
+        self._ended = True
+        if self._graphs is not None:
+            self._graphs.clear()  # a captured step reads this run's encoded hints: it must not outlive them
+        self._graphs = None
+        for cache in (self._encoded, self._masks, self._row_masks, self._static, self._groups):
+            cache.clear()
+
+    def __enter__(self) -> StackRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()
 
     # -- per step -----------------------------------------------------------------------------------------------
 
     def active(self, sigma: float | None) -> tuple[int, ...]:
         """Indices of the entries that run at noise level `sigma` (all, when None)."""
-        run = self._state()
+        if self._ended:
+            raise RuntimeError("ControlStack: this stack run has ended (end() was called); begin a new run")
         out = []
         for i, e in enumerate(self.entries):
             if e.strength == 0.0:
                 continue
-            hi, lo = run.sigma_windows[i]
+            hi, lo = self._windows[i]
             # Same test as ComfyUI's built-in: skip when sigma > start level or sigma < end level.
             if sigma is not None and (sigma > hi or sigma < lo):
                 continue
             out.append(i)
         return tuple(out)
 
-    def _groups(self, active: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    def _groups_of(self, active: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         """The residual forwards of one step: one group per forward. Hints of one Union model that can share a
         forward are grouped (ProMax multi-condition); every other entry is a group of its own. LLLite entries are
         left out (they act through `attention_patch`)."""
-        run = self._state()
-        hit = run.groups.get(active)
+        hit = self._groups.get(active)
         if hit is not None:
             return hit
         groups: list[list[int]] = []
@@ -321,7 +368,7 @@ class ResidualStack:
                     break
             else:
                 groups.append([i])
-        run.groups[active] = out = tuple(tuple(g) for g in groups)
+        self._groups[active] = out = tuple(tuple(g) for g in groups)
         return out
 
     @torch.no_grad()
@@ -338,53 +385,34 @@ class ResidualStack:
     ) -> StepControl | None:
         """Summed control of the active residual entries for one UNet call, or None when none is active.
 
-        `x` is the UNet input (already scaled for the model), `timesteps` the UNet timesteps, `cond_or_uncond` the
-        kind of each of the equal chunks that `x`'s batch is made of (ComfyUI batches cond and uncond together).
+        `x` is the UNet input (already scaled for the model), `timesteps` the UNet timesteps, `sigma` the noise level
+        of this call (None: every entry is active), `cond_or_uncond` the kind of each of the equal chunks that `x`'s
+        batch is made of (ComfyUI batches cond and uncond together).
         """
         active = self.active(sigma)
-        self._sigma = sigma
         if not active:
             return None
-        groups = self._groups(active)
+        groups = self._groups_of(active)
         if not groups:
             return None
-        run = self._state()
         chunks = tuple(cond_or_uncond)
         if x.shape[0] % len(chunks):
             raise ControlNetError(
                 f"batch {x.shape[0]} is not a multiple of its {len(chunks)} cond/uncond chunks"
             )
-        out_dtype = out_dtype or x.dtype
-        key = (
-            groups,
-            tuple(x.shape),
-            x.dtype,
-            x.device,
-            tuple(context.shape),
-            None if y is None else tuple(y.shape),
-            chunks,
-        )
-        slots = None
+        dtype = out_dtype or x.dtype
+
+        def compute(x, timesteps, context, y) -> list[torch.Tensor | None]:
+            return self._compute(groups, chunks, dtype, x, timesteps, context, y, sigma)
+
         # Only forwards that depend on x are worth a graph: T2I features are added from per-run buffers.
         dynamic = any(self.entries[g[0]].injection != "input" for g in groups)
-        if run.use_cuda_graphs and dynamic and x.is_cuda and self.observer is None:
-            graph = run.graphs.get(key)
-            if graph is not None:
-                self.calls += sum(len(g) for g in groups)
-                slots = graph.replay(x, timesteps, context, y)
-            elif key in run.seen:  # second time this layout runs: capture it (the first run was the warm-up)
-                try:
-                    graph = _CapturedStep(self, groups, chunks, out_dtype, x, timesteps, context, y, run)
-                except Exception as err:  # capture is an optimisation; never fail a render for it
-                    log.warning("ControlStack: CUDA graph capture failed, running eagerly: %s", err)
-                    run.use_cuda_graphs = False
-                else:
-                    run.graphs[key] = graph
-                    self.calls += sum(len(g) for g in groups)
-                    slots = graph.replay(x, timesteps, context, y)
-            run.seen.add(key)
-        if slots is None:
-            slots = self._compute(groups, chunks, out_dtype, x, timesteps, context, y)
+        graphs = self._graphs
+        if graphs is not None and dynamic and graphs.covers(x.device):
+            key = graph_key(groups, chunks, dtype, x, timesteps, context, y)
+            slots = graphs.step(key, compute, (x, timesteps, context, y))
+        else:
+            slots = compute(x, timesteps, context, y)
         n = (len(slots) + 1) // 2
         return StepControl(output=list(slots[: n - 1]), input=list(slots[n:]), middle=slots[n - 1])
 
@@ -415,6 +443,7 @@ class ResidualStack:
         timesteps: torch.Tensor,
         context: torch.Tensor,
         y: torch.Tensor | None,
+        sigma: float | None,
     ) -> list[torch.Tensor | None]:
         """The eager step: run each group's forward, scale, mask, and add into one flat set of slot buffers."""
         n = self.entries[groups[0][0]].controlnet.num_residuals
@@ -434,7 +463,7 @@ class ResidualStack:
                 applied, fresh = self._forward(group, chunks, x, timesteps, context, y, dtype), True
             if self.observer is not None:
                 for idx in group:
-                    self.observer(idx, self._sigma, applied)
+                    self.observer(idx, sigma, applied)
             for i, r in enumerate(applied):
                 if r is None:
                     continue
@@ -476,7 +505,6 @@ class ResidualStack:
         else:
             res = cn(*args, encoded_hint=encoded[0])
             scales = lead.layer_scales
-        self.calls += len(group)
         row_mask = self._row_mask(x, chunks, dtype) if lead.mode == "control" else None
         applied = []
         for i, r in enumerate(res):
@@ -494,9 +522,8 @@ class ResidualStack:
         self, idx: int, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype
     ) -> list[torch.Tensor | None]:
         """An x-independent entry's (T2I-Adapter) scaled, masked features for this batch layout, once per run."""
-        run = self._state()
         key = (idx, tuple(x.shape), chunks, x.device, dtype)
-        hit = run.static.get(key)
+        hit = self._static.get(key)
         if hit is not None:
             return hit
         entry = self.entries[idx]
@@ -512,7 +539,7 @@ class ResidualStack:
                     r = r * row_mask
                 r = r.contiguous()
             applied.append(r)
-        run.static[key] = applied
+        self._static[key] = applied
         return applied
 
     # -- LLLite: attention-input patches ------------------------------------------------------------------------
@@ -530,7 +557,6 @@ class ResidualStack:
         Prepares everything that depends only on the run and the batch layout (encoded hints broadcast to the
         batch) before the UNet runs; the returned object is then called from inside the UNet's attention layers.
         """
-        self._sigma = sigma
         entries = [i for i in self.active(sigma) if self.entries[i].injection == "attention"]
         if not entries:
             return None
@@ -542,25 +568,23 @@ class ResidualStack:
             cond = self._encoded_hint(idx, x, chunks, dtype)
             row_mask = self._row_mask(x, chunks, dtype) if self.entries[idx].mode == "control" else None
             prepared.append((idx, cond, row_mask))
-        self.calls += len(entries)
-        return AttentionPatch(self, prepared, x, len(chunks))
+        return AttentionPatch(self, prepared, x, len(chunks), sigma)
 
     # -- per-run caches -----------------------------------------------------------------------------------------
 
     def _encoded_hint(self, idx: int, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype):
         """The entry's hint, fitted and encoded once per run, broadcast to the UNet batch (tensor, list or dict)."""
-        run = self._state()
         h_px, w_px = x.shape[-2] * 8, x.shape[-1] * 8
         key = (idx, h_px, w_px, x.shape[0], len(chunks), x.device, dtype)
-        if key in run.encoded:
-            return run.encoded[key]
+        if key in self._encoded:
+            return self._encoded[key]
         entry = self.entries[idx]
         base_key = (idx, h_px, w_px, x.device, dtype)
-        encoded = run.encoded.get(base_key)
+        encoded = self._encoded.get(base_key)
         if encoded is None:
             hint = entry.hint
-            if run.hint_fitter is not None:
-                hint = run.hint_fitter(entry, "hint", h_px, w_px)
+            if self._hint_fitter is not None:
+                hint = self._hint_fitter(entry, "hint", h_px, w_px)
             if hint.shape[-2:] != (h_px, w_px):
                 raise ControlNetError(
                     f"{entry.name}: hint: expected {w_px}x{h_px} pixels (8 x the {x.shape[-1]}x{x.shape[-2]} latent), "
@@ -568,42 +592,40 @@ class ResidualStack:
                 )
             broadcast_rows(hint, x.shape[0], len(chunks), f"{entry.name}: hint")  # validate the batch early
             encoded = entry.controlnet.encode_hint(hint.to(device=x.device, dtype=dtype))
-            run.encoded[base_key] = encoded
+            self._encoded[base_key] = encoded
         full = _map_tensors(
             encoded, lambda t: broadcast_rows(t, x.shape[0], len(chunks), f"{entry.name}: hint").contiguous()
         )
-        run.encoded[key] = full
+        self._encoded[key] = full
         return full
 
     def _mask_at(
         self, idx: int, x: torch.Tensor, size: torch.Size, chunks: int, dtype: torch.dtype
     ) -> torch.Tensor:
         """The entry's mask fitted like its hint, resized to one residual's resolution, broadcast to the batch."""
-        run = self._state()
         key = (idx, tuple(x.shape), tuple(size), chunks, dtype, x.device)
-        hit = run.masks.get(key)
+        hit = self._masks.get(key)
         if hit is None:
             entry = self.entries[idx]
             mask = entry.mask
             assert mask is not None
-            if run.hint_fitter is not None:
-                mask = run.hint_fitter(entry, "mask", x.shape[-2] * 8, x.shape[-1] * 8)
+            if self._hint_fitter is not None:
+                mask = self._hint_fitter(entry, "mask", x.shape[-2] * 8, x.shape[-1] * 8)
             resized = F.interpolate(
                 mask[:, None].to(device=x.device, dtype=torch.float32), size=tuple(size), mode="bilinear"
             )
             hit = broadcast_rows(resized.to(dtype), x.shape[0], chunks, f"{entry.name}: mask").contiguous()
-            run.masks[key] = hit
+            self._masks[key] = hit
         return hit
 
     def _row_mask(self, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        run = self._state()
         key = (x.shape[0], chunks, dtype, x.device)
-        hit = run.row_masks.get(key)
+        hit = self._row_masks.get(key)
         if hit is None:
             per_chunk = x.shape[0] // len(chunks)
             rows = [1.0 if c == COND else 0.0 for c in chunks for _ in range(per_chunk)]
             hit = torch.tensor(rows, dtype=dtype, device=x.device).view(-1, 1, 1, 1)
-            run.row_masks[key] = hit
+            self._row_masks[key] = hit
         return hit
 
 
@@ -614,56 +636,8 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-class _CapturedStep:
-    """One stack step captured in a CUDA graph for one (active entries, shapes) layout, replayed every step.
-
-    Inputs are copied into static buffers, the graph replays every kernel of every active ControlNet, and the
-    summed residuals land in static output buffers. The UNet reads them before the next step overwrites them.
-    """
-
-    def __init__(
-        self,
-        stack: ResidualStack,
-        groups: tuple[tuple[int, ...], ...],
-        chunks: tuple[int, ...],
-        out_dtype: torch.dtype,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        context: torch.Tensor,
-        y: torch.Tensor | None,
-        run: _RunState,
-    ) -> None:
-        self.x = x.clone()
-        self.t = timesteps.clone()
-        self.context = context.clone()
-        self.y = None if y is None else y.clone()
-        if run.graph_pool is None:
-            run.graph_pool = torch.cuda.graph_pool_handle()
-        calls = stack.calls
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
-            stack._compute(groups, chunks, out_dtype, self.x, self.t, self.context, self.y)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=run.graph_pool):
-            self.out = stack._compute(groups, chunks, out_dtype, self.x, self.t, self.context, self.y)
-        stack.calls = calls
-
-    def replay(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
-    ) -> list[torch.Tensor | None]:
-        self.x.copy_(x)
-        self.t.copy_(timesteps)
-        self.context.copy_(context)
-        if self.y is not None and y is not None:
-            self.y.copy_(y)
-        self.graph.replay()
-        return self.out
-
-
 class AttentionPatch:
-    """LLLite's learned terms on the inputs of attention q/k/v for one UNet call (`ResidualStack.attention_patch`).
+    """LLLite's learned terms on the inputs of attention q/k/v for one UNet call (`StackRun.attention_patch`).
 
     Called by the host's attention layers with where it is (block, transformer index, "attn1" / "attn2") and the
     projection inputs; returns them with every active LLLite entry's term added, scaled by the entry's strength x
@@ -671,22 +645,23 @@ class AttentionPatch:
     on uncond rows.
     """
 
-    def __init__(self, stack: ResidualStack, prepared: list, x: torch.Tensor, chunks: int) -> None:
-        self.stack, self.prepared, self.x, self.chunks = stack, prepared, x, chunks
-        self.sigma = stack._sigma
-        self.observer = stack.observer
+    def __init__(
+        self, run: StackRun, prepared: list, x: torch.Tensor, chunks: int, sigma: float | None
+    ) -> None:
+        self.run, self.prepared, self.x, self.chunks, self.sigma = run, prepared, x, chunks, sigma
+        self.observer = run.observer
         self.magnitudes: dict[int, list[torch.Tensor | None]] = {}
         """For the report: per entry, per layer slot, the largest mean |term| added in this UNet call."""
 
     def _record(self, idx: int, slot: int | None, terms: Sequence[torch.Tensor]) -> None:
         if self.observer is None or slot is None or not terms:
             return
-        cells = self.magnitudes.setdefault(idx, [None] * self.stack.entries[idx].controlnet.num_residuals)
+        cells = self.magnitudes.setdefault(idx, [None] * self.run.entries[idx].controlnet.num_residuals)
         value = torch.stack([t.detach().abs().float().mean() for t in terms]).max()
         cells[slot] = value if cells[slot] is None else torch.maximum(cells[slot], value)
 
     def report(self) -> None:
-        """Hand this call's per-slot magnitudes to the stack's observer (the control report), once per UNet call."""
+        """Hand this call's per-slot magnitudes to the run's observer (the control report), once per UNet call."""
         if self.observer is None:
             return
         for idx, cells in self.magnitudes.items():
@@ -710,7 +685,7 @@ class AttentionPatch:
         # stacked LLLites do not see each other's changes (chaining them as ComfyUI patches would).
         q0, k0, v0 = q, k, v
         for idx, cond, row_mask in self.prepared:
-            entry = self.stack.entries[idx]
+            entry = self.run.entries[idx]
             module = entry.controlnet
             if not module.targets(tuple(block), block_index, attn):
                 continue
@@ -721,7 +696,7 @@ class AttentionPatch:
             mult: float | torch.Tensor = scale
             if entry.mask is not None and activations_shape is not None:
                 h, w = int(activations_shape[-2]), int(activations_shape[-1])
-                m = self.stack._mask_at(idx, self.x, torch.Size((h, w)), self.chunks, _dtype_of(module))
+                m = self.run._mask_at(idx, self.x, torch.Size((h, w)), self.chunks, _dtype_of(module))
                 mult = m.flatten(2).transpose(1, 2) * scale  # B x (h*w) x 1, the token order of the UNet
             if row_mask is not None:
                 mult = row_mask.view(-1, 1, 1) * mult

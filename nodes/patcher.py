@@ -15,6 +15,7 @@ monkeypatching:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import weakref
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.patcher_extension
 import torch
 
@@ -29,7 +31,7 @@ from ..controlnet import ControlNetError
 from ..controlnet.control_lora import control_lora_family
 from ..controlnet.kinds import KIND_NAMES, file_kind, load_control
 from ..controlnet.loading import read_tensors
-from ..controlnet.stack import ResidualStack, StackEntry, StepControl, kind_of
+from ..controlnet.stack import ResidualStack, StackEntry, StackRun, StepControl, kind_of
 from ..preprocessors.resize import fit_image, fit_mask
 
 log = logging.getLogger(__name__)
@@ -69,20 +71,47 @@ class HostControlNet:
         return KIND_NAMES.get(self.kind, self.kind)
 
 
-def _host_dtype() -> torch.dtype:
-    """The dtype the host would store an SD1.5-sized UNet in, or the compute dtype where it casts per layer."""
-    params = 361_279_120  # an SD1.5 ControlNet; only steers the host's dtype choice
-    dtype = comfy.model_management.unet_dtype(
-        model_params=params, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32]
-    )
-    # Where the host stores UNet weights in a dtype the device cannot compute in (fp16 on a CPU), it casts per
-    # layer; our modules have no per-layer casting, so they are loaded in the compute dtype instead.
-    compute_dtype = comfy.model_management.unet_manual_cast(dtype, comfy.model_management.get_torch_device())
-    return compute_dtype or dtype
+@dataclass(frozen=True)
+class HostStorage:
+    """How the host keeps a control module: the dtype its weights are stored in, the dtype it computes in (None:
+    the same), and the host's layer classes for that pair (``comfy.ops``: per-layer casting, partial loading)."""
+
+    dtype: torch.dtype
+    compute_dtype: torch.dtype | None
+    operations: type
+
+    @classmethod
+    def for_file(cls, source, name: str) -> HostStorage:
+        """The host's choice for a control file, as its built-in ControlNet loader makes it: the storage dtype from
+        the file's real parameter count and weight dtype (and the host's --fp16-unet / --bf16-unet ... flags)."""
+        t = read_tensors(source, name)
+        params = sum(math.prod(shape) for shape in t.shapes.values())
+        floats = [d for d in t.dtypes.values() if d is not None and d.is_floating_point]
+        weight_dtype = max(set(floats), key=floats.count) if floats else None
+        dtype = comfy.model_management.unet_dtype(
+            model_params=params,
+            supported_dtypes=[torch.float16, torch.bfloat16, torch.float32],
+            weight_dtype=weight_dtype,
+        )
+        return cls.for_dtype(dtype)
+
+    @classmethod
+    def for_model(cls, model) -> HostStorage:
+        """The storage of a host MODEL (a Control-LoRA is kept like the UNet it is merged from, as the built-in
+        ``ControlLora`` does)."""
+        return cls.for_dtype(model.model.get_dtype())
+
+    @classmethod
+    def for_dtype(cls, dtype: torch.dtype) -> HostStorage:
+        # Where the device cannot compute in the storage dtype (fp16 on a CPU, fp8), the host casts per layer.
+        compute = comfy.model_management.unet_manual_cast(dtype, comfy.model_management.get_torch_device())
+        return cls(dtype, compute, comfy.ops.pick_operations(dtype, compute))
 
 
-def _wrap(module: torch.nn.Module, name: str, **kw) -> HostControlNet:
+def _wrap(module: torch.nn.Module, name: str, storage: HostStorage, **kw) -> HostControlNet:
     module.eval().requires_grad_(False)
+    if storage.compute_dtype is not None:
+        module.compute_dtype = storage.compute_dtype
     patcher = comfy.model_patcher.ModelPatcher(
         module,
         load_device=comfy.model_management.get_torch_device(),
@@ -92,8 +121,9 @@ def _wrap(module: torch.nn.Module, name: str, **kw) -> HostControlNet:
 
 
 def load_host_controlnet(source, name: str | None = None, base_model=None) -> HostControlNet:
-    """Load any control file (ControlNet, Union, Control-LoRA, T2I-Adapter, LLLite) for the host: in the dtype the
-    host picks for UNets, on the offload device; the host's model management moves it to the GPU while sampling.
+    """Load any control file (ControlNet, Union, Control-LoRA, T2I-Adapter, LLLite) for the host: built from the
+    host's operation classes and stored in the dtype the host picks (as its built-in ControlNet), on the offload
+    device, so the host's model management casts, partially loads and offloads it like its own models.
     `base_model` (a MODEL) gives the base UNet weights that "difference" ControlNets and Control-LoRAs need; a
     Control-LoRA loaded without it is merged when it is applied to a model."""
     name = name or os.path.basename(str(source))
@@ -105,14 +135,18 @@ def load_host_controlnet(source, name: str | None = None, base_model=None) -> Ho
         if kind == "control_lora":
             _check_control_lora_family(source, name, base_model)
         base_unet = base_model.model_state_dict(filter_prefix="diffusion_model.")
+    storage = (
+        HostStorage.for_model(base_model) if kind == "control_lora" else HostStorage.for_file(source, name)
+    )
     module = load_control(
         source,
-        dtype=_host_dtype(),
+        dtype=storage.dtype,
         device=comfy.model_management.unet_offload_device(),
         name=name,
         base_unet=base_unet,
+        operations=storage.operations,
     )
-    return _wrap(module, name)
+    return _wrap(module, name, storage)
 
 
 def _check_control_lora_family(source, name: str, model) -> None:
@@ -229,8 +263,19 @@ def with_union_type(controlnet: HostControlNet, union_type: int | None, latent_t
     return replace(controlnet, union_type=union_type, latent_token=latent_token)
 
 
+RUN_OPTION = "controlstack_run"
+"""transformer_options key of the `StackRun` of the sampling run in progress: set by OUTER_SAMPLE in the guider's
+per-run options, read by every APPLY_MODEL call of that run."""
+OBSERVER_OPTION = "controlstack_observer"
+"""transformer_options key of a control-report observer (`StackRecorder`) for the runs of one MODEL clone."""
+
+
 class StackWrapper:
-    """One object per patched MODEL: the APPLY_MODEL wrapper itself, and its OUTER_SAMPLE bracket."""
+    """One object per patched MODEL: the APPLY_MODEL wrapper itself, and its OUTER_SAMPLE bracket.
+
+    It holds no run state: every clone of the MODEL shares it, and two samplers may run it at once. A run lives in
+    the guider's per-run options and reaches each UNet call through `transformer_options`.
+    """
 
     def __init__(self, stack: ResidualStack, previews: dict | None = None) -> None:
         self.stack = stack
@@ -239,27 +284,41 @@ class StackWrapper:
 
     # OUTER_SAMPLE: one sampling run
     def outer_sample(self, executor, *args, **kwargs):
-        base_model = executor.class_obj.model_patcher.model
-        self.stack.begin_run(
-            base_model.model_sampling.percent_to_sigma,
+        guider = executor.class_obj
+        # CFGGuider.sample has just made `guider.model_options` a per-run copy (create_model_options_clone) and
+        # restores the original afterwards; samplers._calc_cond_batch merges its "transformer_options" into the
+        # `transformer_options` of every UNet call of this run. So the run is visible to this run's calls only.
+        options = guider.model_options.setdefault("transformer_options", {})
+        run = self.stack.begin_run(
+            guider.model_patcher.model.model_sampling.percent_to_sigma,
             hint_fitter=self._fit,
             use_cuda_graphs=self.use_cuda_graphs,
+            observer=options.get(OBSERVER_OPTION),
         )
+        options[RUN_OPTION] = run
         try:
             return executor(*args, **kwargs)
         finally:
-            self.stack.end_run()
+            run.end()
+            if options.get(RUN_OPTION) is run:
+                del options[RUN_OPTION]
 
     # APPLY_MODEL: one UNet call
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        if not len(self.stack):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         base_model = executor.class_obj
         sampling = base_model.model_sampling
-        dtype = base_model.manual_cast_dtype or base_model.get_dtype()
-        xc = sampling.calculate_input(t, x).to(dtype)
-        if len(self.stack):
+        run = transformer_options.get(RUN_OPTION)
+        call_run = run is None or run.stack is not self.stack
+        if call_run:
+            run = self._call_run(sampling)
+        try:
+            dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+            xc = sampling.calculate_input(t, x).to(dtype)
             sigma = float(t[0])
             cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
-            step = self.stack.control(
+            step = run.control(
                 xc,
                 sampling.timestep(t).float(),
                 c_crossattn.to(device=xc.device, dtype=dtype),
@@ -270,19 +329,35 @@ class StackWrapper:
             )
             if step is not None:
                 control = merge_control(control, step)
-            patch = self.stack.attention_patch(xc, sigma=sigma, cond_or_uncond=cond_or_uncond)
-            if patch is not None:
-                out = executor(x, t, c_concat, c_crossattn, control, with_attention_patch(transformer_options, patch),
-                               **kwargs)  # fmt: skip
-                patch.report()  # the LLLite terms this call added, for the control report
-                return out
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            patch = run.attention_patch(xc, sigma=sigma, cond_or_uncond=cond_or_uncond)
+            if patch is None:
+                return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            options = with_attention_patch(transformer_options, patch)
+            out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+            patch.report()  # the LLLite terms this call added, for the control report
+            return out
+        finally:
+            if call_run:
+                run.end()
 
-    def _fit(self, entry: StackEntry, kind: str, height: int, width: int) -> torch.Tensor:
+    def _call_run(self, sampling) -> StackRun:
+        """A run for one UNet call made outside a sampling run of this MODEL (no OUTER_SAMPLE: a custom node that
+        drives the UNet itself, as the built-in ControlNet allows). Falling back rather than failing keeps such
+        workflows rendering, with the same numbers as in a run: the windows use the model's own schedule and the
+        hints are fitted alike. Only slower (the hints are encoded again for every call), without CUDA graphs, hint
+        previews or the control report, which belong to a sampling run."""
+        log.debug("ControlStack: a UNet call outside a sampling run of this model; using a one-call run")
+        return self.stack.begin_run(
+            sampling.percent_to_sigma, hint_fitter=self._fit_quietly, use_cuda_graphs=False
+        )
+
+    def _fit(
+        self, entry: StackEntry, kind: str, height: int, width: int, preview: bool = True
+    ) -> torch.Tensor:
         if kind == "mask":
             return fit_mask(entry.mask, width, height, entry.resize_mode)
         hint = fit_image(entry.hint.movedim(1, -1), width, height, entry.resize_mode).movedim(-1, 1)
-        send = self.previews.get(entry.label)
+        send = self.previews.get(entry.label) if preview else None
         if send is not None:
             mask = None if entry.mask is None else fit_mask(entry.mask, width, height, entry.resize_mode)
             try:
@@ -290,6 +365,9 @@ class StackWrapper:
             except Exception as err:  # a preview must never fail a render
                 log.warning("ControlStack: hint preview failed: %s", err)
         return hint
+
+    def _fit_quietly(self, entry: StackEntry, kind: str, height: int, width: int) -> torch.Tensor:
+        return self._fit(entry, kind, height, width, preview=False)
 
 
 def _to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -359,14 +437,15 @@ def sampler_choices() -> tuple[list[str], list[str]]:
 
 
 def sample_with_report(model, **ksampler_args) -> tuple[dict, list[torch.Tensor]]:
-    """KSampler, while recording what each stacked ControlNet applied: (latent, per-entry layers x steps)."""
+    """KSampler, while recording what each stacked ControlNet applied: (latent, per-entry layers x steps).
+
+    The recorder goes into the options of a clone of `model`, so only this sampling run sees it (OUTER_SAMPLE hands
+    it to the run); the stack and the MODEL the graph passed in are left untouched."""
     from ..controlnet.report import StackRecorder
 
-    stack = stack_of(model)
-    recorder = StackRecorder(len(stack))
-    stack.observer = recorder
-    try:
-        latent = ksample(model, **ksampler_args)
-    finally:
-        stack.observer = None
-    return latent, recorder.table([e.controlnet.num_residuals for e in stack.entries])
+    entries = stack_of(model).entries
+    recorder = StackRecorder(len(entries))
+    reporting = model.clone()
+    reporting.model_options.setdefault("transformer_options", {})[OBSERVER_OPTION] = recorder
+    latent = ksample(reporting, **ksampler_args)
+    return latent, recorder.table([e.controlnet.num_residuals for e in entries])

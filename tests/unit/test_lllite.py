@@ -16,16 +16,13 @@ import torch.nn.functional as F
 from controlstack.controlnet import build_controlnet, preset
 from controlstack.controlnet.errors import ControlNetError
 from controlstack.controlnet.lllite import LLLite, is_lllite, load_lllite
+from numerics import rel_err as rel
 
 COND_EMB, MLP = (
     32,
     64,
 )  # kohya defaults (sd-scripts train_controlnet_lllite: --cond_emb_dim 32, --network_dim 64)
 ROLES = {"attn1": ("q", "k", "v"), "attn2": ("q",)}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def sdxl_targets() -> dict[str, int]:

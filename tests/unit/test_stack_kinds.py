@@ -7,7 +7,7 @@ import pytest
 import torch
 from cn_helpers import random_inputs, randomize_, rel_err
 from controlstack.controlnet import ControlNetConfig, ControlNetError, build_controlnet
-from controlstack.controlnet.stack import COND, UNCOND, ResidualStack, StackEntry
+from controlstack.controlnet.stack import COND, UNCOND, ResidualStack, StackEntry, StackRun
 from controlstack.controlnet.t2i_adapter import T2IAdapterConfig, build_t2i_adapter
 
 pytestmark = pytest.mark.unit
@@ -33,6 +33,11 @@ def adapter():
     return randomize_(build_t2i_adapter(config, name="t2i"), seed=5).eval().requires_grad_(False)
 
 
+def run_of(*entries: StackEntry, **kwargs) -> StackRun:
+    """An eager run of a stack of `entries`, sigma falling from 1 to 0 over the run."""
+    return ResidualStack(entries).begin_run(lambda p: 1.0 - p, use_cuda_graphs=False, **kwargs)
+
+
 class Counter:
     def __init__(self, module: torch.nn.Module) -> None:
         self.calls = 0
@@ -46,12 +51,11 @@ def test_t2i_features_go_to_the_input_path_once_per_run(adapter):
     hint = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     x = torch.randn(2, 4, 8, 8)
     counter = Counter(adapter.conv_in)  # the adapter's first layer: runs once per encoding
-    stack = ResidualStack([StackEntry(adapter, hint, strength=0.6)])
-    stack.begin_run()
+    run = run_of(StackEntry(adapter, hint, strength=0.6))
     want = adapter.encode_hint(hint)
     counter.calls = 0
     for step in range(3):
-        got = stack.control(x + step, torch.full((2,), 500.0 - step), torch.randn(2, 7, 32))
+        got = run.control(x + step, torch.full((2,), 500.0 - step), torch.randn(2, 7, 32))
         assert got is not None
         assert all(t is None for t in got.output)
         for slot, feature in enumerate(want[:-1]):
@@ -62,7 +66,7 @@ def test_t2i_features_go_to_the_input_path_once_per_run(adapter):
                 assert rel_err(got.input[slot], 0.6 * feature.expand(2, -1, -1, -1)) < 1e-6
         assert got.middle is None  # SD1/SD2 adapters feed no middle feature
     assert counter.calls == 1, "the adapter does not depend on x or t: once per run"
-    stack.end_run()
+    run.end()
 
 
 def test_t2i_control_mode_and_mask(adapter):
@@ -70,7 +74,7 @@ def test_t2i_control_mode_and_mask(adapter):
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :32] = 1.0
     x = torch.randn(2, 4, 8, 8)
-    got = ResidualStack([StackEntry(adapter, hint, mode="control", mask=mask)]).control(
+    got = run_of(StackEntry(adapter, hint, mode="control", mask=mask)).control(
         x, torch.full((2,), 300.0), torch.randn(2, 7, 32), cond_or_uncond=(UNCOND, COND)
     )
     feature = adapter.encode_hint(hint)[2]
@@ -81,9 +85,9 @@ def test_t2i_control_mode_and_mask(adapter):
 
 def test_mixed_stack_is_the_sum_of_its_parts(cn, adapter):
     x, hint, t, ctx, _ = random_inputs(cn, batch=2, seed=3)
-    both = ResidualStack([StackEntry(cn, hint, strength=0.8), StackEntry(adapter, hint[:1], strength=1.3)])
-    only_cn = ResidualStack([StackEntry(cn, hint, strength=0.8)])
-    only_t2i = ResidualStack([StackEntry(adapter, hint[:1], strength=1.3)])
+    both = run_of(StackEntry(cn, hint, strength=0.8), StackEntry(adapter, hint[:1], strength=1.3))
+    only_cn = run_of(StackEntry(cn, hint, strength=0.8))
+    only_t2i = run_of(StackEntry(adapter, hint[:1], strength=1.3))
     got = both.control(x, t, ctx)
     a, b = only_cn.control(x, t, ctx), only_t2i.control(x, t, ctx)
     for g, w in zip(got.output, a.output, strict=True):
@@ -121,20 +125,19 @@ def test_lllite_attention_patch_applies_strength_rows_and_mask(lllite):
     want_q, want_k, want_v = lllite.apply(block, index, "attn1", q, q, q, cond, 0.7)
     assert rel_err(want_q - q, torch.zeros_like(q) + (want_q - q)) == 0 and (want_q - q).abs().mean() > 0
 
-    stack = ResidualStack([StackEntry(lllite, hint, strength=0.7, start_percent=0.0, end_percent=0.5)])
-    stack.begin_run(percent_to_sigma=lambda p: 1.0 - p)
-    assert stack.control(x, torch.full((2,), 900.0), torch.randn(2, 7, 32), sigma=0.9) is None  # no residuals
-    patch = stack.attention_patch(x, sigma=0.9, cond_or_uncond=(UNCOND, COND))
+    run = run_of(StackEntry(lllite, hint, strength=0.7, start_percent=0.0, end_percent=0.5))
+    assert run.control(x, torch.full((2,), 900.0), torch.randn(2, 7, 32), sigma=0.9) is None  # no residuals
+    patch = run.attention_patch(x, sigma=0.9, cond_or_uncond=(UNCOND, COND))
     got = patch("attn1", block, index, q, q, q, [2, 640, latent // 2, latent // 2])
     for g, w in zip(got, (want_q, want_k, want_v), strict=True):
         assert rel_err(g, w) < 1e-6
-    assert stack.attention_patch(x, sigma=0.2, cond_or_uncond=(UNCOND, COND)) is None  # outside the window
+    assert run.attention_patch(x, sigma=0.2, cond_or_uncond=(UNCOND, COND)) is None  # outside the window
     unaffected = patch("attn1", ("input", 1), 0, q, q, q, [2, 320, latent, latent])
     assert all(u is q for u in unaffected)
 
     mask = torch.zeros(1, 8 * latent, 8 * latent)
     mask[:, : 4 * latent] = 1.0  # top half
-    masked = ResidualStack([StackEntry(lllite, hint, strength=0.7, mode="control", mask=mask)])
+    masked = run_of(StackEntry(lllite, hint, strength=0.7, mode="control", mask=mask))
     patch = masked.attention_patch(x, cond_or_uncond=(UNCOND, COND))
     q2, _, _ = patch("attn1", block, index, q, q, q, [2, 640, latent // 2, latent // 2])
     half = (latent // 2) ** 2 // 2
@@ -164,7 +167,7 @@ def test_union_hints_of_one_model_share_one_forward(union):
     counter = Counter(union)
     a = StackEntry(union, hints[0], strength=0.9, union_type=1)
     b = StackEntry(union, hints[1], strength=0.6, union_type=3)
-    got = ResidualStack([a, b]).residuals(x, t, ctx, y)
+    got = run_of(a, b).residuals(x, t, ctx, y)
     assert counter.calls == 1, "one forward for both hints"
     want = union(
         x,
@@ -180,7 +183,7 @@ def test_union_hints_of_one_model_share_one_forward(union):
 
     counter.calls = 0
     late = StackEntry(union, hints[1], strength=0.6, union_type=3, start_percent=0.5)
-    got = ResidualStack([a, late]).residuals(x, t, ctx, y)
+    got = run_of(a, late).residuals(x, t, ctx, y)
     assert counter.calls == 2, "different windows: two forwards"
     one = union(x, hints[0].expand(2, -1, -1, -1), t, ctx, y, control_types=[1])
     two = union(x, hints[1].expand(2, -1, -1, -1), t, ctx, y, control_types=[3])
@@ -194,10 +197,9 @@ def test_lllite_terms_reach_the_control_report(lllite):
     hint = torch.rand(1, 3, 8 * latent, 8 * latent, generator=torch.Generator().manual_seed(8))
     x = torch.randn(2, 4, latent, latent)
     q = torch.randn(2, (latent // 2) ** 2, 640)
-    stack = ResidualStack([StackEntry(lllite, hint, strength=0.5)])
     seen = []
-    stack.observer = lambda idx, sigma, cells: seen.append((idx, sigma, cells))
-    patch = stack.attention_patch(x, sigma=0.4)
+    run = run_of(StackEntry(lllite, hint, strength=0.5), observer=lambda *call: seen.append(call))
+    patch = run.attention_patch(x, sigma=0.4)
     new = patch("attn1", ("input", 4), 0, q, q, q, [2, 640, latent // 2, latent // 2])
     assert not seen, "reported once per UNet call, after it"
     patch.report()
@@ -215,7 +217,7 @@ def test_union_under_inference_mode(union):
     x, hints, t, ctx, y, _ = union_inputs(union.config, 1, batch=2, seed=9)
     with torch.inference_mode():
         loaded = randomize_(build_controlnet(union.config, name="inference"), seed=6).eval()
-        got = ResidualStack([StackEntry(loaded, hints[0][:1], union_type=2)]).residuals(x, t, ctx, y)
-        again = ResidualStack([StackEntry(loaded, hints[0][:1], union_type=2)]).residuals(x, t, ctx, y)
+        got = run_of(StackEntry(loaded, hints[0][:1], union_type=2)).residuals(x, t, ctx, y)
+        again = run_of(StackEntry(loaded, hints[0][:1], union_type=2)).residuals(x, t, ctx, y)
     for a, b in zip(got, again, strict=True):
         assert a.abs().mean() > 0 and torch.equal(a, b)

@@ -23,6 +23,7 @@ from controlstack.controlnet.t2i_adapter import (
     load_t2i_adapter,
 )
 from diffusers.models.adapter import T2IAdapter as DiffusersT2IAdapter
+from numerics import rel_err as rel
 
 TOL = 1e-4
 SMALL = [8, 16, 32, 32]
@@ -43,10 +44,6 @@ def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         p.copy_(torch.randn(p.shape, generator=g) * std)
         assert p.abs().min() > 0
     return module
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def diffusers_adapter(kind: str, in_channels: int, seed: int = 0) -> DiffusersT2IAdapter:
