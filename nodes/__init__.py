@@ -3,10 +3,12 @@
 from . import routes
 from .controlnet_nodes import NODE_CLASS_MAPPINGS as _CONTROLNET_NODES
 from .controlnet_nodes import NODE_DISPLAY_NAME_MAPPINGS as _CONTROLNET_NAMES
+from .inputs import checked_nodes
 from .preprocessor_nodes import NODE_CLASS_MAPPINGS as _PREPROCESSOR_NODES
 from .preprocessor_nodes import NODE_DISPLAY_NAME_MAPPINGS as _PREPROCESSOR_NAMES
 
 routes.register()
 
-NODE_CLASS_MAPPINGS: dict = {**_CONTROLNET_NODES, **_PREPROCESSOR_NODES}
+# Every node checks its INT / FLOAT inputs against their declaration before it runs (NaN included): nodes/inputs.py.
+NODE_CLASS_MAPPINGS: dict = checked_nodes({**_CONTROLNET_NODES, **_PREPROCESSOR_NODES})
 NODE_DISPLAY_NAME_MAPPINGS: dict = {**_CONTROLNET_NAMES, **_PREPROCESSOR_NAMES}

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .common import Preprocessor, at_resolution, check_resolution, hwc3, output_size
-from .resize import RESIZE_MODES, fit_mask, pixel_perfect_resolution
+from .resize import RESIZE_MODES, pixel_perfect_resolution
 
-__all__ = ["run_batched", "run_preprocessor", "run_inpaint", "images_to_uint8", "default_workers"]
+__all__ = ["run_batched", "run_preprocessor", "check_images", "images_to_uint8", "default_workers"]
 
 
 def default_workers() -> int:
@@ -30,7 +30,8 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _check_images(images: torch.Tensor) -> None:
+def check_images(images: torch.Tensor) -> None:
+    """Refuse anything but a non-empty ComfyUI IMAGE batch: B x H x W x (1, 3 or 4) float."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images: expected a B x H x W x C tensor (ComfyUI IMAGE), got {shape}")
@@ -76,7 +77,7 @@ def images_to_uint8(images: torch.Tensor) -> np.ndarray:
     Gray is repeated to 3 channels, RGBA composited onto white. NaN / Inf raise ValueError: cast to uint8
     they become platform-dependent garbage, not a usable hint.
     """
-    _check_images(images)
+    check_images(images)
     src = _as_float_numpy(images)
     return np.stack([_frame_to_uint8(src[i], i) for i in range(src.shape[0])])
 
@@ -92,13 +93,13 @@ def run_batched(
 
     Each frame is converted to uint8 (see :func:`images_to_uint8`: gray -> 3 channels, RGBA composited onto
     white, NaN / Inf -> ValueError) on the worker, ``fn`` gets H x W x 3 uint8 RGB and returns H' x W' x 3
-    uint8 (-> divided by 255) or float (kept as is: the inpaint hint's -1 survives). All frames must give the
+    uint8 (-> divided by 255) or float (kept as is, values outside [0, 1] too). All frames must give the
     same shape and dtype. ``workers``: threads (default: usable CPUs; 1 = run inline). ``progress(k)`` is
     called with the number of frames just finished (they sum to B), always from the calling thread (ComfyUI's
     ProgressBar hook sends to the websocket and is not meant to be called from workers).
     Returns B x H' x W' x 3 float32 on ``images``' device.
     """
-    _check_images(images)
+    check_images(images)
     src = _as_float_numpy(images)
     n = src.shape[0]
     workers = default_workers() if workers is None else int(workers)
@@ -175,7 +176,7 @@ def run_preprocessor(
     the target size for ``resize_mode`` (``resolution`` is then ignored). The hint's short side is the
     resolution; see ``common.at_resolution``.
     """
-    _check_images(images)
+    check_images(images)
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode: expected one of {RESIZE_MODES}, got {resize_mode!r}")
     h, w = int(images.shape[1]), int(images.shape[2])
@@ -184,52 +185,3 @@ def run_preprocessor(
     resolution = check_resolution(resolution)
     output_size(h, w, resolution)  # fail fast on absurd sizes, before converting the batch
     return run_batched(at_resolution(fn, resolution), images, workers=workers, progress=progress, **kwargs)
-
-
-def _identity(image: np.ndarray) -> np.ndarray:
-    return image
-
-
-def run_inpaint(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    resolution: int,
-    pixel_perfect: bool = False,
-    target_width: int = 512,
-    target_height: int = 512,
-    resize_mode: str = "crop and resize",
-    *,
-    workers: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """The inpaint hint node: the image batch at ``resolution`` with -1 where the (stretched) mask is > 0.5.
-
-    The images go through :func:`run_preprocessor` like every other hint (same resizing, RGBA / gray handling
-    and checks); the mask batch (1, shared, or B) is stretched to the hint size with ``fit_mask`` and applied
-    in place to the fresh output. Returns B x h x w x 3 float32 with -1s (see ``inpaint_hint``).
-    """
-    _check_images(images)
-    if not isinstance(masks, torch.Tensor) or masks.ndim not in (2, 3) or 0 in masks.shape:
-        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-        raise ValueError(f"mask: expected a non-empty B x H x W (or H x W) tensor, got {shape}")
-    masks = masks[None] if masks.ndim == 2 else masks
-    if masks.shape[0] not in (1, images.shape[0]):
-        raise ValueError(
-            f"mask: expected a batch of 1 or {images.shape[0]} (the image batch), got {masks.shape[0]}"
-        )
-    hint = run_preprocessor(
-        _identity,
-        images,
-        resolution,
-        pixel_perfect,
-        target_width,
-        target_height,
-        resize_mode,
-        workers=workers,
-        progress=progress,
-    )
-    th, tw = hint.shape[1:3]
-    masked = fit_mask(masks.detach().float().cpu(), tw, th, "just resize").numpy() > 0.5
-    dst = hint.cpu().numpy()  # the fresh float32 buffer run_batched made (shared memory on the CPU)
-    np.copyto(dst, np.float32(-1.0), where=masked[..., None])
-    return torch.from_numpy(dst).to(images.device)

@@ -10,7 +10,7 @@ import functools
 import cv2
 import numpy as np
 
-from .common import check_image, check_threshold
+from .common import check_image, check_int, check_threshold
 
 __all__ = ["color", "shuffle", "shuffle_flow", "tile"]
 
@@ -22,12 +22,7 @@ def color(image: np.ndarray, block_size: int = 64) -> np.ndarray:
     kernel), then upscale with INTER_NEAREST so the blocks stay flat. At least one block per side.
     """
     image = check_image(image)
-    if (
-        isinstance(block_size, bool)
-        or not isinstance(block_size, (int, np.integer))
-        or not 1 <= block_size <= 1024
-    ):
-        raise ValueError(f"block_size: expected an int in 1..1024, got {block_size!r}")
+    block_size = check_int("block_size", block_size, 1, 1024)
     h, w = image.shape[:2]
     small = cv2.resize(
         image, (max(1, w // block_size), max(1, h // block_size)), interpolation=cv2.INTER_CUBIC
@@ -68,10 +63,8 @@ def shuffle(image: np.ndarray, seed: int = 0, f: int = 256) -> np.ndarray:
     larger = bigger coherent patches.
     """
     image = check_image(image)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed: expected an int in 0..2**64-1, got {seed!r}")
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not 1 <= f <= 4096:
-        raise ValueError(f"f: expected an int in 1..4096, got {f!r}")
+    seed = check_int("seed", seed, 0, 2**64 - 1)
+    f = check_int("f", f, 1, 4096)
     h, w = image.shape[:2]
     flow = shuffle_flow(h, w, int(seed), int(f))
     return cv2.remap(image, flow, None, cv2.INTER_LINEAR)
@@ -85,10 +78,7 @@ def tile(image: np.ndarray, pyramid_levels: int = 3, blur_sigma: float = 0.0) ->
     ``pyramid_levels=0`` with ``blur_sigma=0`` returns a copy of the image.
     """
     image = check_image(image)
-    if isinstance(pyramid_levels, bool) or not isinstance(pyramid_levels, (int, np.integer)):
-        raise ValueError(f"pyramid_levels: expected an int in 0..8, got {pyramid_levels!r}")
-    if not 0 <= pyramid_levels <= 8:
-        raise ValueError(f"pyramid_levels: expected an int in 0..8, got {pyramid_levels}")
+    pyramid_levels = check_int("pyramid_levels", pyramid_levels, 0, 8)
     sigma = check_threshold("blur_sigma", blur_sigma, 0, 100)
     h, w = image.shape[:2]
     out = image

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
+from ..controlnet.checks import check_int, finite_float
 from .resize import MAX_SIZE
 
 __all__ = [
     "Preprocessor",
     "MAX_SIZE",
+    "composite_rgba",
     "hwc3",
     "check_image",
+    "check_int",
     "check_resolution",
     "check_threshold",
     "pad64",
@@ -33,6 +37,20 @@ __all__ = [
 ]
 
 Preprocessor = Callable[..., np.ndarray]
+T = TypeVar("T")
+
+# A preprocessor parameter that must be a finite number in [lo, hi]: the one float rule (controlnet/checks.py).
+check_threshold = finite_float
+
+
+def composite_rgba(color: T, alpha: T, background: float) -> T:
+    """The one RGBA rule: ``color`` over a flat ``background`` by ``alpha`` (numpy arrays or torch tensors).
+
+    ``alpha`` in [0, 1], broadcastable to ``color``; ``background`` in the colour's own scale (255.0 for uint8 values,
+    1.0 for a [0, 1] float image). Preprocessor inputs go onto white (the reference ``HWC3``: transparent areas are
+    paper, not ink); hints go onto black (``preprocessors.hint``: transparent areas carry no control).
+    """
+    return color * alpha + background * (1.0 - alpha)
 
 
 def hwc3(image: np.ndarray) -> np.ndarray:
@@ -56,9 +74,8 @@ def hwc3(image: np.ndarray) -> np.ndarray:
         return image
     if c == 1:
         return np.repeat(image, 3, axis=2)
-    color = image[:, :, :3].astype(np.float32)
     alpha = image[:, :, 3:4].astype(np.float32) / 255.0
-    out = color * alpha + 255.0 * (1.0 - alpha)
+    out = composite_rgba(image[:, :, :3].astype(np.float32), alpha, 255.0)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
@@ -82,20 +99,7 @@ def check_image(image: np.ndarray) -> np.ndarray:
 
 def check_resolution(resolution: int) -> int:
     """Validate a preprocess resolution (the short side of the hint, in pixels)."""
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
-        raise ValueError(f"resolution: expected an int, got {type(resolution).__name__} {resolution!r}")
-    if not 1 <= int(resolution) <= MAX_SIZE:
-        raise ValueError(f"resolution: expected 1..{MAX_SIZE}, got {resolution}")
-    return int(resolution)
-
-
-def check_threshold(name: str, value: float, lo: float, hi: float) -> float:
-    """Validate a finite numeric parameter within [lo, hi]; the message names the parameter."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name}: expected a number in [{lo}, {hi}], got {type(value).__name__} {value!r}")
-    if not math.isfinite(float(value)) or not lo <= float(value) <= hi:
-        raise ValueError(f"{name}: expected a number in [{lo}, {hi}], got {value}")
-    return float(value)
+    return check_int("resolution", resolution, 1, MAX_SIZE)
 
 
 def pad64(x: int) -> int:

@@ -1,52 +1,75 @@
 """Inpaint hint: the image with masked pixels set to -1 (what the inpaint ControlNet was trained on).
 
-Unlike every other preprocessor this returns FLOAT (H x W x 3 float32: [0, 1] outside the mask, exactly -1.0
-inside), because -1 is outside the 8-bit range. A hint made here must not be clamped to [0, 1] downstream.
+The one implementation of the inpaint hint (sd-webui-controlnet ``inpaint_only``: ``hint[mask > 0.5] = -1``). Unlike
+every other preprocessor it returns values outside [0, 1]: the image in [0, 1] outside the mask, exactly ``MASKED``
+inside. Such a hint must not be clamped to [0, 1] downstream: ``preprocessors.hint.image_to_hint`` (ApplyHint)
+keeps it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-from .common import check_image
+from .batch import check_images, run_preprocessor
+from .resize import fit_mask
 
-__all__ = ["inpaint", "inpaint_tensor"]
+__all__ = ["MASKED", "MASK_THRESHOLD", "run_inpaint"]
 
-
-def inpaint(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """H x W x 3 uint8 image + H x W mask (float 0..1 or bool) -> H x W x 3 float32 hint, -1 where mask > 0.5."""
-    image = check_image(image)
-    mask = np.asarray(mask)
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[:, :, 0]
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"mask: expected shape {image.shape[:2]} (the image's H x W), got {mask.shape}")
-    out = image.astype(np.float32) / 255.0
-    out[mask.astype(np.float32) > 0.5] = -1.0
-    return out
+MASKED = -1.0
+"""The value of a masked pixel in an inpaint hint."""
+MASK_THRESHOLD = 0.5
+"""A pixel is masked where the mask is above this."""
 
 
-def inpaint_tensor(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Batch form on ComfyUI tensors: IMAGE B x H x W x C in [0, 1], MASK B x H x W (or 1 x H x W, broadcast).
+def _identity(image: np.ndarray) -> np.ndarray:
+    return image
 
-    The mask must already match the image's H x W (the node fits it with ``resize.fit_mask`` first).
-    Returns a new B x H x W x 3 float tensor with -1 where mask > 0.5, on the images' device.
+
+def run_inpaint(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    resolution: int,
+    pixel_perfect: bool = False,
+    target_width: int = 512,
+    target_height: int = 512,
+    resize_mode: str = "crop and resize",
+    *,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The inpaint hint node: the image batch at ``resolution`` with ``MASKED`` where the (stretched) mask is above
+    ``MASK_THRESHOLD``.
+
+    ``images``: IMAGE B x H x W x C in [0, 1]; ``masks``: MASK B x H x W or H x W (a batch of 1 is shared by every
+    image). The images go through :func:`~.batch.run_preprocessor` like every other hint (same resizing, RGBA / gray
+    handling and checks); the mask is stretched to the hint size with ``fit_mask(..., "just resize")`` and applied
+    in place to the fresh output. Returns B x h x w x 3 float32 on the images' device.
     """
-    if images.ndim != 4 or 0 in images.shape:
+    check_images(images)
+    if not isinstance(masks, torch.Tensor) or masks.ndim not in (2, 3) or 0 in masks.shape:
+        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise ValueError(f"mask: expected a non-empty B x H x W (or H x W) tensor, got {shape}")
+    masks = masks[None] if masks.ndim == 2 else masks
+    if masks.shape[0] not in (1, images.shape[0]):
         raise ValueError(
-            f"images: expected a non-empty B x H x W x C tensor, got shape {tuple(images.shape)}"
+            f"mask: expected a batch of 1 or {images.shape[0]} (the image batch), got {masks.shape[0]}"
         )
-    if masks.ndim == 2:
-        masks = masks[None]
-    if masks.ndim != 3 or masks.shape[1:] != images.shape[1:3] or masks.shape[0] not in (1, images.shape[0]):
-        raise ValueError(
-            f"masks: expected (1 or {images.shape[0]}) x {images.shape[1]} x {images.shape[2]}, got {tuple(masks.shape)}"
-        )
-    if not torch.isfinite(images).all():
-        raise ValueError("images: expected finite values in [0, 1], found NaN or Inf")
-    out = images[..., :3].clamp(0, 1).to(torch.float32, copy=True)
-    if out.shape[-1] == 1:
-        out = out.expand(-1, -1, -1, 3).clone()
-    out[(masks.to(out.device) > 0.5).expand(out.shape[0], -1, -1)] = -1.0
-    return out
+    hint = run_preprocessor(
+        _identity,
+        images,
+        resolution,
+        pixel_perfect,
+        target_width,
+        target_height,
+        resize_mode,
+        workers=workers,
+        progress=progress,
+    )
+    th, tw = hint.shape[1:3]
+    masked = fit_mask(masks.detach().float().cpu(), tw, th, "just resize").numpy() > MASK_THRESHOLD
+    dst = hint.cpu().numpy()  # the fresh float32 buffer run_batched made (shared memory on the CPU)
+    np.copyto(dst, np.float32(MASKED), where=masked[..., None])
+    return torch.from_numpy(dst).to(images.device)

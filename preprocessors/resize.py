@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..controlnet.checks import check_int
+
 RESIZE_MODES: tuple[str, ...] = ("just resize", "crop and resize", "resize and fill")
 
 # ComfyUI's own MAX_RESOLUTION; a bigger target is a typo, not a request, and would allocate gigabytes.
@@ -37,11 +39,7 @@ def _check_mode(mode: str) -> None:
 
 
 def _check_size(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
-    if not 1 <= int(value) <= MAX_SIZE:
-        raise ValueError(f"{name}: expected 1..{MAX_SIZE}, got {value}")
-    return int(value)
+    return check_int(name, value, 1, MAX_SIZE)
 
 
 def _round(x: float) -> int:
