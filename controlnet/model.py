@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_int
 from .config import ControlNetConfig
 from .errors import ControlNetError
 from .ops import Operations, TorchOperations
@@ -509,8 +510,7 @@ class ControlNet(nn.Module):
             return types
         n = self.config.union_num_control_types
         for t in types:
-            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                raise self._bad(f"control type ids are integers 0..{n - 1}, got {t!r}")
+            t = check_int(f"{self.name}: control type id", t, 0)
             if t >= n:
                 if t in UNION_TYPE_NAMES and t >= 6:  # tile / repaint: ProMax-only
                     need = f"needs a ProMax file with {len(UNION_TYPE_NAMES)} control types"

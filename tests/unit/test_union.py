@@ -194,8 +194,10 @@ def test_type_out_of_range(loaded):
     promax, _ = loaded[8]
     with pytest.raises(ControlNetError, match=r"control type 9 is out of range; this file has 8"):
         promax(x, hints, t, ctx, y, control_types=[9])
-    with pytest.raises(ControlNetError, match="integers"):
+    with pytest.raises(ControlNetError, match=r"control type id: expected an int in 0\.\., got -1"):
         ours(x, hints, t, ctx, y, control_types=[-1])
+    with pytest.raises(ControlNetError, match=r"control type id: expected an int, got float 1\.0"):
+        ours(x, hints, t, ctx, y, control_types=[1.0])
     with pytest.raises(ControlNetError, match=r"2 hint"):  # two types, one hint
         ours(x, hints, t, ctx, y, control_types=[0, 1])
     with pytest.raises(ControlNetError, match="condition_scales"):
