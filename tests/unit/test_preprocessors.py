@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from controlstack.preprocessors import common
-from skimage import data
+from scipy import ndimage
+from skimage import data, filters
 
 pytestmark = pytest.mark.unit
 
@@ -72,17 +73,68 @@ def test_each_preprocessor_rejects_bad_arrays(name):
 # ---------------------------------------------------------------- Canny
 
 
-@pytest.mark.parametrize(("low", "high"), [(100, 200), (0, 0), (50, 51), (10, 1000)])
-def test_canny_equals_opencv(photo, low, high):
-    out = P.canny(photo, low, high)
-    ref = cv2.Canny(photo, low, high)
-    assert np.array_equal(out, np.dstack([ref, ref, ref]))
+def _square(size: int = 64, lo: int = 20, hi: int = 44, value: int = 255) -> np.ndarray:
+    """A black image with a flat square [lo, hi) x [lo, hi): its only edges are the square's four sides."""
+    img = np.zeros((size, size, 3), np.uint8)
+    img[lo:hi, lo:hi] = value
+    return img
 
 
-def test_canny_at_native_resolution_equals_opencv(astronaut):
-    # 512 x 512 at resolution 512: no resize and no padding, so the wrapped call is OpenCV's Canny exactly.
-    out = P.at_resolution(P.canny, 512)(astronaut, low_threshold=100, high_threshold=200)
-    assert np.array_equal(out[:, :, 0], cv2.Canny(astronaut, 100, 200))
+def _assert_square_outline(edges: np.ndarray, lo: float, hi: float, slack: float = 1.0) -> None:
+    """``edges`` (H x W, 0 / 255) outlines the square whose sides are the lines x, y = lo - 0.5 and hi - 0.5:
+    every edge pixel within ``slack`` px of a side, nothing inside or outside, every side traced."""
+    assert set(np.unique(edges)) == {0, 255}
+    ys, xs = np.nonzero(edges)
+    a, b = lo - 0.5, hi - 0.5  # the step lines between pixels
+    near = lambda v, line: np.abs(v - line) <= slack + 0.5  # noqa: E731
+    inside = lambda v: (v >= a - slack - 0.5) & (v <= b + slack + 0.5)  # noqa: E731
+    on_side = (inside(ys) & (near(xs, a) | near(xs, b))) | (inside(xs) & (near(ys, a) | near(ys, b)))
+    assert on_side.all(), list(zip(ys[~on_side], xs[~on_side], strict=True))[:5]
+    span = int(b - a) - 2  # each side is traced along (almost) its whole length
+    for line in (a, b):
+        assert near(xs, line).sum() >= span and near(ys, line).sum() >= span
+
+
+def test_canny_outlines_a_square_where_its_sides_are():
+    out = P.canny(_square(), 100, 200)
+    assert np.array_equal(out[:, :, 0], out[:, :, 1]) and np.array_equal(out[:, :, 0], out[:, :, 2])
+    _assert_square_outline(out[:, :, 0], 20, 44)
+
+
+@pytest.mark.parametrize("step", [10, 50, 255])
+def test_canny_thresholds_are_on_the_l1_sobel_gradient(step):
+    # A vertical step of height d: the 3x3 Sobel x-derivative there is (1 + 2 + 1) * d = 4d, the y-derivative 0.
+    # So with the high threshold just under 4d the step is an edge (one column, the full height), just over it
+    # nothing is (OpenCV's rule: strong where the gradient exceeds the high threshold).
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 16:] = step
+    edges = P.canny(img, 0, 4 * step - 1)[:, :, 0]
+    cols = np.nonzero(edges.any(axis=0))[0]
+    assert cols.tolist() in ([15], [16]) and (edges[:, cols[0]] == 255).all()
+    assert P.canny(img, 0, 4 * step + 1).max() == 0
+
+
+def test_canny_keeps_colour_edges_of_equal_brightness():
+    # blue (0, 0, 255) and dark red (97, 0, 0) have the same luma (29): a grayscale Canny sees no edge here, the
+    # per-channel one (the strongest channel's gradient, 4 * 255 in blue) does.
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :16] = (0, 0, 255)
+    img[:, 16:] = (97, 0, 0)
+    luma = 0.299 * img[..., 0] + 0.587 * img[..., 1] + 0.114 * img[..., 2]
+    assert np.ptp(np.round(luma)) == 0
+    edges = P.canny(img, 100, 200)[:, :, 0]
+    assert np.nonzero(edges.any(axis=0))[0].tolist() in ([15], [16])
+
+
+def test_canny_at_resolution_keeps_the_square_in_place():
+    # at the image's own size the wrapper changes nothing; at twice the size the outline moves to twice the place
+    img = _square()
+    assert np.array_equal(
+        P.at_resolution(P.canny, 64)(img, low_threshold=100, high_threshold=200), P.canny(img)
+    )
+    big = P.at_resolution(P.canny, 128)(img, low_threshold=100, high_threshold=200)
+    assert big.shape == (128, 128, 3)
+    _assert_square_outline(big[:, :, 0], 40, 88, slack=2.0)
 
 
 def test_canny_threshold_errors(astronaut):
@@ -117,16 +169,30 @@ def test_threshold_uses_the_channel_minimum():
     assert P.threshold(img, 127)[0, :, 0].tolist() == [255, 0, 255]
 
 
-def test_binary_matches_opencv_otsu_inverted(astronaut):
-    gray = cv2.cvtColor(astronaut, cv2.COLOR_RGB2GRAY)
-    _, ref = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY_INV + cv2.THRESH_OTSU)
-    assert np.array_equal(P.binary(astronaut, "otsu")[:, :, 0], ref)
-    fixed = P.binary(astronaut, "fixed", 100)[:, :, 0]
-    assert np.array_equal(fixed, np.where(gray > 100, 0, 255).astype(np.uint8))
+def test_binary_otsu_equals_scikit_image_otsu(photo):
+    # A gray photo (R = G = B, so luma is the value itself): Otsu's threshold by scikit-image's implementation;
+    # binary is inverted (dark -> white): white exactly where the value is <= the threshold.
+    gray = np.round(photo @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+    t = filters.threshold_otsu(gray)
+    out = P.binary(np.dstack([gray] * 3), "otsu")
+    assert np.array_equal(out[:, :, 0], np.where(gray > t, 0, 255))
+
+
+def test_binary_on_known_values():
+    # two clusters: any threshold between them separates them; dark -> white
+    two = np.array([[40] * 3 + [200] * 5], np.uint8)
+    assert P.binary(np.dstack([two] * 3), "otsu")[0, :, 0].tolist() == [255] * 3 + [0] * 5
+    ramp = np.arange(256, dtype=np.uint8)[None]
+    fixed = P.binary(np.dstack([ramp] * 3), "fixed", 100)[0, :, 0]
+    assert fixed.tolist() == [255] * 101 + [0] * 155  # <= 100 white, > 100 black
+    # luma of pure red is 0.299 * 255 = 76.2 -> 76 (BT.601, as the reference annotator)
+    red = np.zeros((1, 1, 3), np.uint8)
+    red[..., 0] = 255
+    assert P.binary(red, "fixed", 76)[0, 0, 0] == 255 and P.binary(red, "fixed", 75)[0, 0, 0] == 0
     with pytest.raises(ValueError, match="mode"):
-        P.binary(astronaut, "adaptive")
+        P.binary(red, "adaptive")
     with pytest.raises(ValueError, match="threshold"):
-        P.binary(astronaut, "fixed", 300)
+        P.binary(red, "fixed", 300)
 
 
 def test_invert(photo):
@@ -148,16 +214,25 @@ def test_lineart_standard_finds_a_dark_line():
         P.lineart_standard(img, gaussian_sigma=0)
 
 
-def test_color_makes_flat_64px_blocks(astronaut):
+def test_color_keeps_an_image_of_flat_blocks(astronaut):
+    # An image already made of flat 64 px blocks is its own colour map: each block gets its own colour back.
+    rng = np.random.default_rng(3)
+    palette = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    blocks = np.repeat(np.repeat(palette, 64, axis=0), 64, axis=1)
+    assert np.array_equal(P.color(blocks), blocks)
+    # 100 x 150 with blocks of 64: max(1, 100 // 64) x 150 // 64 = 1 x 2 blocks, split at column 75
+    halves = np.zeros((100, 150, 3), np.uint8)
+    halves[:, :75] = (10, 200, 30)
+    halves[:, 75:] = (250, 5, 120)
+    assert np.array_equal(P.color(halves), halves)
+    # a photo: every 64 x 64 block flat, and its colour within the block's own range of colours
     out = P.color(astronaut)
-    blocks = out.reshape(8, 64, 8, 64, 3)
-    assert (blocks == blocks[:, :1, :, :1]).all()
-    ref = cv2.resize(
-        cv2.resize(astronaut, (8, 8), interpolation=cv2.INTER_CUBIC),
-        (512, 512),
-        interpolation=cv2.INTER_NEAREST,
-    )
-    assert np.array_equal(out, ref)
+    cells = out.reshape(8, 64, 8, 64, 3)
+    assert (cells == cells[:, :1, :, :1]).all()
+    src = astronaut.reshape(8, 64, 8, 64, 3).astype(int)
+    assert (cells[:, 0, :, 0] >= src.min(axis=(1, 3))).all() and (
+        cells[:, 0, :, 0] <= src.max(axis=(1, 3))
+    ).all()
     with pytest.raises(ValueError, match="block_size"):
         P.color(astronaut, 0)
 
@@ -185,29 +260,28 @@ def test_shuffle_bad_seed(astronaut):
         P.shuffle(astronaut, seed=1.5)
 
 
+def _laplacian(x: np.ndarray) -> np.ndarray:
+    """4-neighbour Laplacian of the interior of a 2-D array."""
+    return 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+
+
 def test_tile(photo):
     assert np.array_equal(P.tile(photo, 0, 0.0), photo)
     assert P.tile(photo, 0, 0.0) is not photo
     soft = P.tile(photo, 3)
     # detail removed: much less high-frequency energy than the photo
-    lap = lambda x: np.abs(cv2.Laplacian(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.CV_32F)).mean()  # noqa: E731
+    lap = lambda x: np.abs(_laplacian(x.astype(np.float32).mean(axis=2))).mean()  # noqa: E731
     assert lap(soft) < 0.5 * lap(photo)
+    # A linear ramp has no detail to remove: it comes back, borders aside, moved by (2**levels - 1) / 2 = 3.5 px
+    # (each INTER_AREA-halving / pyrUp level shifts by half a pixel of its scale, as in the reference annotator).
+    cols = np.arange(128, dtype=np.float64)
+    ramp = np.broadcast_to((2 * cols)[None, :, None], (96, 128, 3)).astype(np.uint8)
+    want = 2 * (cols + 3.5)
+    assert np.abs(P.tile(ramp, 3)[8:-8, 8:-8].astype(float) - want[8:-8][None, :, None]).max() <= 1.0
     with pytest.raises(ValueError, match="pyramid_levels"):
         P.tile(photo, 9)
     with pytest.raises(ValueError, match="blur_sigma"):
         P.tile(photo, 1, float("inf"))
-
-
-def test_inpaint_marks_masked_pixels(astronaut):
-    mask = np.zeros(astronaut.shape[:2], np.float32)
-    mask[100:200, 50:300] = 1.0
-    out = P.inpaint(astronaut, mask)
-    assert out.dtype == np.float32 and out.shape == astronaut.shape
-    assert (out[100:200, 50:300] == -1).all()
-    keep = mask < 0.5
-    assert np.allclose(out[keep], astronaut[keep] / 255.0)
-    with pytest.raises(ValueError, match="mask"):
-        P.inpaint(astronaut, mask[:-1])
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -297,8 +371,10 @@ def test_run_batched_converts_rgba_gray_and_clamps():
 
 
 def test_run_batched_keeps_float_results():
-    mask = np.ones((4, 4), np.float32)
-    out = P.run_batched(P.inpaint, torch.rand(2, 4, 4, 3), mask=mask)
+    def minus_one(image: np.ndarray, value: float) -> np.ndarray:
+        return np.full(image.shape, value, np.float32)
+
+    out = P.run_batched(minus_one, torch.rand(2, 4, 4, 3), value=-1.0)
     assert (out == -1).all()
 
 
@@ -366,22 +442,29 @@ def test_run_inpaint():
 # ---------------------------------------------------------------- the reference formulas, written plainly
 
 
+def _gauss(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur by SciPy, not by the OpenCV call the implementation makes: the same kernel (4 sigma radius,
+    mirrored border) computed independently, so the results agree to float rounding, not bit for bit."""
+    return ndimage.gaussian_filter(x, (sigma, sigma, 0), mode="mirror", truncate=4.0)
+
+
 def test_lineart_standard_equals_the_reference_formula(photo):
+    # sd-webui-controlnet's lineart_standard, written plainly
     x = photo.astype(np.float32)
-    g = cv2.GaussianBlur(x, (0, 0), 6.0)
-    intensity = np.min(g - x, axis=2).clip(0, 255)
+    intensity = np.min(_gauss(x, 6.0) - x, axis=2).clip(0, 255)
     intensity /= max(16, np.median(intensity[intensity > 8]))
     intensity *= 127
     ref = intensity.clip(0, 255).astype(np.uint8)
-    assert np.array_equal(P.lineart_standard(photo)[:, :, 0], ref)
+    diff = np.abs(P.lineart_standard(photo)[:, :, 0].astype(int) - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # float rounding of two blur implementations
 
 
 def test_scribble_equals_the_reference_formula(photo):
+    # sd-webui-controlnet's scribble_xdog, written plainly
     x = photo.astype(np.float32)
-    g1, g2 = cv2.GaussianBlur(x, (0, 0), 0.5), cv2.GaussianBlur(x, (0, 0), 5.0)
-    dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+    dog = (255 - np.min(_gauss(x, 5.0) - _gauss(x, 0.5), axis=2)).clip(0, 255).astype(np.uint8)
     ref = np.where(2 * (255 - dog.astype(np.int32)) > 32, 255, 0)
-    assert np.array_equal(P.scribble(photo, 32)[:, :, 0], ref)
+    assert (P.scribble(photo, 32)[:, :, 0] != ref).mean() < 1e-3
 
 
 def test_threshold_equals_the_reference_formula(photo):

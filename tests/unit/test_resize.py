@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from controlstack.preprocessors import common
@@ -12,6 +13,7 @@ from controlstack.preprocessors.resize import (
     pixel_perfect_resolution,
     scaled_size,
 )
+from PIL import Image
 
 pytestmark = pytest.mark.unit
 
@@ -184,10 +186,64 @@ def test_fit_mask_shapes_and_exact_ones(mode):
     assert fit_mask(torch.zeros(30, 50), 64, 64, mode).shape == (1, 64, 64)
 
 
-def test_fit_mask_follows_fit_image_geometry():
-    m = torch.rand(2, 30, 50)
-    for mode in RESIZE_MODES:
-        assert torch.allclose(fit_mask(m, 64, 48, mode), fit_image(m[..., None], 64, 48, mode)[..., 0])
+@pytest.mark.parametrize(
+    ("mode", "box"),
+    [
+        # 40 x 80 -> 40 x 40: k = 1, centre columns 20..59 kept -> the mask's columns 30..49 land at 10..29
+        ("crop and resize", (slice(10, 30), slice(10, 30))),
+        # 40 x 80 -> 80 x 80: k = min(2, 1) = 1, rows 20..59 hold the image (the border median, 0, elsewhere)
+        ("resize and fill", (slice(30, 50), slice(30, 50))),
+    ],
+)
+def test_fit_mask_puts_the_masked_box_where_the_geometry_says(mode, box):
+    m = torch.zeros(40, 80)
+    m[10:30, 30:50] = 1.0
+    size = 40 if mode == "crop and resize" else 80
+    y = fit_mask(m, size, size, mode)[0]
+    want = torch.zeros(size, size)
+    want[box] = 1.0
+    assert torch.equal(y, want)  # k = 1 in both: no resampling, so exact
+
+
+# ---------------------------------------------------------------- the filters, against independent implementations
+
+
+def _keys(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Keys' cubic convolution kernel (a = -0.75, the value OpenCV's INTER_CUBIC and torch's bicubic use)."""
+    t = np.abs(t)
+    near = (a + 2) * t**3 - (a + 3) * t**2 + 1
+    far = a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+    return np.where(t <= 1, near, np.where(t < 2, far, 0.0))
+
+
+def _cubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """n_out x n_in resampling matrix: pixel centres aligned (half-pixel), borders replicated."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        x = (i + 0.5) * n_in / n_out - 0.5
+        f = np.floor(x)
+        for k in range(-1, 3):
+            m[i, min(max(int(f) + k, 0), n_in - 1)] += _keys(np.array(x - (f + k)))
+    return m
+
+
+def test_upscale_is_bicubic_clamped_to_the_input_range():
+    b = np.random.default_rng(0).random((7, 9))
+    y = fit_image(torch.from_numpy(b).float()[None, :, :, None], 23, 16, "just resize")[0, :, :, 0]
+    ref = (_cubic_matrix(7, 16) @ b @ _cubic_matrix(9, 23).T).clip(b.min(), b.max())
+    assert np.abs(y.double().numpy() - ref).max() < 1e-6
+
+
+def test_downscale_is_antialiased_bilinear_like_pil():
+    # PIL's BILINEAR resize widens the triangle filter by the scale factor (area-like, no aliasing)
+    a = np.random.default_rng(1).random((40, 60)).astype(np.float32)
+    y = fit_image(torch.from_numpy(a)[None, :, :, None], 25, 17, "just resize")[0, :, :, 0]
+    ref = np.asarray(Image.fromarray(a, mode="F").resize((25, 17), Image.BILINEAR))
+    assert np.abs(y.numpy() - ref).max() < 1e-5
+    # by hand: halving a row of 1-pixel stripes averages each pair (triangle of width 4: weights 1, 3, 3, 1 / 8)
+    row = torch.tensor([0.0, 1.0] * 8)[None, None, :, None].expand(1, 2, 16, 1)
+    half = fit_image(row, 8, 2, "just resize")[0, 0, 1:-1, 0]
+    assert torch.allclose(half, torch.full((6,), 0.5))
 
 
 def test_fit_mask_bad_input():
