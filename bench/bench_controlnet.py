@@ -26,6 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_COMFY = REPO / ".host" / "comfyui"
+sys.path.insert(0, str(REPO / "scripts"))
+from numerics import rel_err  # noqa: E402  (scripts/numerics.py: the comparison the tests assert on)
 
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -130,10 +132,6 @@ def conditioning(family: str, batch: int, seed: int):
     return [[torch.randn(batch, 77, ctx, generator=g), extra]]
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 class Timer:
     """Host-side time spent in ControlStack's stack per call (CPU wall, no device sync)."""
 
@@ -141,9 +139,9 @@ class Timer:
         self.durations: list[float] = []
 
     def install(self):
-        from controlstack.controlnet.stack import ResidualStack
+        from controlstack.controlnet.stack import StackRun
 
-        original = ResidualStack.control
+        original = StackRun.control
         timer = self
 
         def timed(self, *args, **kwargs):
@@ -152,7 +150,7 @@ class Timer:
             timer.durations.append(time.perf_counter() - t0)
             return out
 
-        ResidualStack.control = timed
+        StackRun.control = timed
         return original
 
 
@@ -235,9 +233,9 @@ def bench_family(comfy, family, size, steps, counts, repeats, device, rows):
             try:
                 s, peak, out = run_case(comfy, patched, positive, negative, latent, steps, repeats, device)
             finally:
-                from controlstack.controlnet.stack import ResidualStack
+                from controlstack.controlnet.stack import StackRun
 
-                ResidualStack.control = original
+                StackRun.control = original
             # median over calls = the steady state (each run's first call warms up and its second captures)
             host_ms = statistics.median(timer.durations) * 1e3 if timer.durations else float("nan")
             err = rel_err(out, ref)

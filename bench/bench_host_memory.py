@@ -70,7 +70,9 @@ def measure(kind: str, n: int, server_args: list[str]) -> tuple[float, float, fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--controlnets", type=int, default=2)
-    ap.add_argument("--server-args", default="--fp16-unet", help="extra ComfyUI arguments (default: %(default)s)")
+    ap.add_argument(
+        "--server-args", default="--fp16-unet", help="extra ComfyUI arguments (default: %(default)s)"
+    )
     ap.add_argument("--rows", default="none,controlstack,builtin")
     args = ap.parse_args()
     server_args = shlex.split(args.server_args)

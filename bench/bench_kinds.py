@@ -36,10 +36,10 @@ from bench_controlnet import (  # noqa: E402
     print_table,
     random_,
     random_unet,
-    rel_err,
     run_case,
     say,
 )
+from numerics import rel_err  # noqa: E402
 
 UNION_TYPE_A, UNION_TYPE_B = 1, 3  # depth, canny
 
@@ -118,9 +118,9 @@ class StackTimer:
         self.durations: list[float] = []
 
     def __enter__(self):
-        from controlstack.controlnet.stack import ResidualStack
+        from controlstack.controlnet.stack import StackRun
 
-        self.originals = (ResidualStack.control, ResidualStack.attention_patch)
+        self.originals = (StackRun.control, StackRun.attention_patch)
         timer = self
 
         def timed(fn):
@@ -133,14 +133,14 @@ class StackTimer:
 
             return wrapper
 
-        ResidualStack.control = timed(self.originals[0])
-        ResidualStack.attention_patch = timed(self.originals[1])
+        StackRun.control = timed(self.originals[0])
+        StackRun.attention_patch = timed(self.originals[1])
         return self
 
     def __exit__(self, *exc):
-        from controlstack.controlnet.stack import ResidualStack
+        from controlstack.controlnet.stack import StackRun
 
-        ResidualStack.control, ResidualStack.attention_patch = self.originals
+        StackRun.control, StackRun.attention_patch = self.originals
 
 
 def bench_family(comfy, comfy_dir, family, size, steps, repeats, device, rows):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import folder_paths
-import torch
 
 from ..controlnet import ControlNetError
+from ..controlnet.stack import PROMPT_DECAY
 from ..controlnet.union import UNION_TYPES
+from ..preprocessors.hint import image_to_hint
 from ..preprocessors.resize import RESIZE_MODES
 from . import patcher
+from .inputs import check_window
 from .ui import hint_preview_sender, render_report, save_temp_images
 
 CATEGORY = "ControlStack"
@@ -63,13 +67,34 @@ class LoadControlNet:
             },
         }
 
+    @classmethod
+    def IS_CHANGED(cls, control_net_name: str | None = None, **_links) -> str | float:
+        """The file's size and modification time: a file replaced on disk under the same name is loaded again on
+        the next prompt instead of being served from the host's cache (ComfyUI compares this value between runs)."""
+        if control_net_name is None:
+            # The host passes constants only: a linked name is unknown here. NaN never equals itself, so the
+            # host treats the node as changed (its own convention) and load() runs.
+            return float("nan")
+        try:
+            st = os.stat(_control_net_path(control_net_name))
+        except (ControlNetError, OSError):
+            return ""  # load() reports the missing file with its message
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
     def load(self, control_net_name: str, model=None):
-        path = folder_paths.get_full_path("controlnet", control_net_name)
-        if path is None:
-            raise ControlNetError(
-                f"control_net_name: '{control_net_name}' is not in the controlnet models folder"
-            )
-        return (patcher.load_host_controlnet(path, base_model=model),)
+        return (patcher.load_host_controlnet(_control_net_path(control_net_name), base_model=model),)
+
+
+def _control_net_path(control_net_name: str) -> str:
+    """The full path of a file of the controlnet models folder (or an extra model path), as the host resolves it."""
+    path = folder_paths.get_full_path("controlnet", control_net_name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths("controlnet")) or "(none configured)"
+        raise ControlNetError(
+            f"control_net_name: '{control_net_name}' is not in the controlnet models folders (searched: {folders}); "
+            "put the file there or add a folder in extra_model_paths.yaml"
+        )
+    return path
 
 
 class ApplyHint:
@@ -91,7 +116,10 @@ class ApplyHint:
                 "control_net": ("CS_CONTROLNET", {"tooltip": "From Load ControlNet (ControlStack)."}),
                 "image": (
                     "IMAGE",
-                    {"tooltip": "The hint: an edge map, depth map, pose, scribble... RGB in [0,1]."},
+                    {
+                        "tooltip": "The hint: an edge map, depth map, pose, scribble... RGB in [0,1]; an inpaint "
+                        "hint's -1 (masked) pixels are kept."
+                    },
                 ),
                 "strength": (
                     "FLOAT",
@@ -153,10 +181,7 @@ class ApplyHint:
         scales=None,
         unique_id=None,
     ):
-        if start_percent > end_percent:
-            raise ControlNetError(
-                f"start_percent ({start_percent}) must not be after end_percent ({end_percent})"
-            )
+        start_percent, end_percent = check_window(start_percent, end_percent)
         control_net = patcher.resolve_for_model(control_net, model)
         mode, layer_scales = "balanced", None
         if scales is not None:
@@ -166,7 +191,7 @@ class ApplyHint:
                 n = control_net.module.num_residuals
                 layer_scales = tuple(custom[: n - 1]) + (custom[-1],)
         entry = {
-            "hint": hint_to_bchw(image),
+            "hint": image_to_hint(image),
             "strength": float(strength),
             "start_percent": float(start_percent),
             "end_percent": float(end_percent),
@@ -178,22 +203,6 @@ class ApplyHint:
         }
         preview = hint_preview_sender(str(unique_id)) if unique_id is not None else None
         return (patcher.apply_hint(model, control_net, entry, preview),)
-
-
-def hint_to_bchw(image: torch.Tensor) -> torch.Tensor:
-    """IMAGE (B x H x W x C) -> B x 3 x H x W. Grayscale is repeated; RGBA is composited onto black (transparent
-    pixels carry no control signal)."""
-    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4) or 0 in image.shape:
-        raise ControlNetError(
-            f"image: expected a hint IMAGE of B x H x W x 1, 3 or 4 channels, got shape {tuple(image.shape)}"
-        )
-    if not torch.isfinite(image).all():
-        raise ControlNetError("image: the hint contains NaN or infinite values")
-    if image.shape[-1] == 1:
-        image = image.expand(-1, -1, -1, 3)
-    elif image.shape[-1] == 4:
-        image = image[..., :3] * image[..., 3:]
-    return image.movedim(-1, 1).float().clamp(0, 1).contiguous()
 
 
 class UnionType:
@@ -246,8 +255,9 @@ class UnionType:
 class ControlScale:
     DESCRIPTION = (
         "Per-layer multipliers and the control mode for Apply ControlNet Hint. balanced: every layer at strength. "
-        "prompt is more important: layer i x 0.825^(12-i), shallow layers fade. ControlNet is more important: the "
-        "residuals go to the positive prompt only, so CFG amplifies them. custom: the in_00..middle values below "
+        f"prompt is more important: layer i x {PROMPT_DECAY}^(12-i), shallow layers fade. ControlNet is more "
+        "important: the residuals go to the positive prompt only, so CFG amplifies them. custom: the in_00..middle "
+        "values below "
         "(SDXL uses in_00..in_08 and middle). Every kind takes them: a layer is where the kind acts — ControlNets, "
         "Union and Control-LoRAs every layer; T2I-Adapters in_02/05/08/11 (SDXL in_03/05/08 and middle); LLLite the "
         "attention of in_04/05/07/08 and middle."
@@ -272,9 +282,15 @@ class ControlScale:
             )
             for name in LAYERS
         }
-        return {
-            "required": {"mode": (list(SCALE_MODES), {"tooltip": "How the ControlNet is weighed."}), **layers}
+        mode = {
+            "tooltip": (
+                f"balanced: every layer 1.0 · prompt is more important: layer i x {PROMPT_DECAY}^(12-i) · "
+                "ControlNet is more important: cond only, uncond x0 · custom: the values below."
+            ),
+            # Read by web/controlstack.js (the chart's bars and presets), so the names and the decay live here only.
+            "controlstack": {"layers": list(LAYERS), "prompt_decay": PROMPT_DECAY},
         }
+        return {"required": {"mode": (list(SCALE_MODES), mode), **layers}}
 
     def build(self, mode, **layers):
         if mode not in SCALE_MODES:

@@ -24,7 +24,8 @@ from ..preprocessors import (
     threshold,
     tile,
 )
-from ..preprocessors.batch import run_inpaint, run_preprocessor
+from ..preprocessors.batch import run_preprocessor
+from ..preprocessors.inpaint_hint import run_inpaint
 from ..preprocessors.resize import MAX_SIZE
 
 CATEGORY = "ControlStack/preprocessors"

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 CELL_W, CELL_H, LABEL_W, TITLE_H = 24, 12, 56, 18
 MIN_WIDTH = 360
@@ -53,20 +49,15 @@ def render_report(tables: list[torch.Tensor], names: list[str], layer_names: lis
 
 
 def save_temp_images(images: torch.Tensor, prefix: str) -> list[dict]:
-    """Write IMAGE rows (B x H x W x C in [0,1]) as PNGs in ComfyUI's temp folder; return ui image records."""
-    import folder_paths
+    """Save IMAGE rows (B x H x W x C in [0, 1], C = 1, 3 or 4) for the frontend; return the ui image records.
 
-    folder = folder_paths.get_temp_directory()
-    os.makedirs(folder, exist_ok=True)
-    records = []
-    for row in images:
-        name = f"{prefix}_{uuid.uuid4().hex[:10]}.png"
-        array = (row.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-        if array.shape[-1] == 1:
-            array = array[..., 0]
-        Image.fromarray(array).save(os.path.join(folder, name), compress_level=1)
-        records.append({"filename": name, "subfolder": "", "type": "temp"})
-    return records
+    Saved by the host's own PreviewImage node, so the files are named, placed (the temp folder, which the host
+    empties at start-up and exit) and described exactly as every other preview."""
+    from nodes import PreviewImage  # the host's nodes.py (imported before any pack), not this package
+
+    if images.shape[-1] == 1:  # PIL cannot write an H x W x 1 array
+        images = images.expand(*images.shape[:-1], 3)
+    return PreviewImage().save_images(images.detach().float().cpu(), filename_prefix=prefix)["ui"]["images"]
 
 
 def hint_preview_sender(node_id: str):

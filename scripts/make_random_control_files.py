@@ -70,7 +70,7 @@ LLLITE_EXPECTED_DEPTHS = {
 }
 """Transformer depth of each SDXL block LLLite attaches to; asserted against ComfyUI's UNetModel on ``meta``."""
 
-FILES = CONTROL_FILES  # family -> file name -> seed; its one home is scripts/host.py
+FILES = CONTROL_FILES  # family -> file name -> seed; its one home is scripts/host_models.py
 
 Shapes = dict[str, tuple[int, ...]]
 

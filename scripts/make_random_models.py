@@ -22,19 +22,19 @@ import zlib
 from pathlib import Path
 
 import torch
+
+# Names, seeds and the format version have one home, the harness's host_models (stdlib only, so both import it).
+from host_models import CHECKPOINT as CHECKPOINT_NAME
+from host_models import CONTROLNETS as _CONTROLNET_NAMES
+from host_models import MODEL_SEEDS
+from host_models import RANDOM_MODELS_VERSION as FORMAT_VERSION
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = "1"
 REPO = Path(__file__).resolve().parent.parent
 CONTROLNET_KEYS_TSV = REPO / "tests" / "fixtures" / "controlnet_sd15_ldm_keys.tsv"
-CHECKPOINT_NAME = "controlstack_random_sd15.safetensors"
-CONTROLNETS = {
-    "controlstack_random_sd15_canny.safetensors": 1,
-    "controlstack_random_sd15_depth.safetensors": 2,
-    "controlstack_random_sd15_scribble.safetensors": 3,
-}
-CHECKPOINT_SEED = 0
+CONTROLNETS = dict(zip(_CONTROLNET_NAMES, MODEL_SEEDS[1:], strict=True))
+CHECKPOINT_SEED = MODEL_SEEDS[0]
 
 # The SD1.5 UNet config ComfyUI's model detection produces for a real SD1.5 checkpoint (comfy/model_detection.py).
 SD15_UNET_CONFIG = {
@@ -157,7 +157,9 @@ def controlnet_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed((seed << 32) ^ zlib.crc32(name.encode()))
+    # torch's CPU generator (mt19937) keeps only the low 32 bits of a seed: mix the file seed and the tensor name
+    # into those bits, or files with different seeds get identical tensors (format 1 did exactly that).
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
     t = torch.randn(shape, generator=gen, dtype=torch.float32)
     if name.endswith("position_ids"):
         return torch.arange(shape[-1], dtype=torch.int64).expand(shape).contiguous()

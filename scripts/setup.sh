@@ -16,8 +16,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 PY_DEPS=(
-  numpy Pillow requests==2.34.2 safetensors==0.8.0 einops==0.8.2 opencv-python==5.0.0.93
-  pytest==9.2.0 ruff==0.17.6 diffusers==0.42.1 scikit-image==0.26.0
+  numpy Pillow requests==2.34.2 safetensors==0.8.0 opencv-python==5.0.0.93
+  pytest==9.2.0 ruff==0.17.6 diffusers==0.42.1 scikit-image==0.26.0 hypothesis==6.170.15
 )
 
 say() { printf '[setup] %s\n' "$*"; }

@@ -14,6 +14,7 @@ import sys
 import host
 import pytest
 import torch
+from numerics import rel_err as rel
 
 sys.path.insert(0, str(host.resolve_comfy_dir()))
 from comfy.cli_args import args  # noqa: E402
@@ -26,10 +27,6 @@ from controlstack.controlnet.t2i_adapter import T2IAdapter, is_t2i_adapter, load
 TOL = 1e-4
 SMALL = [8, 16, 32, 32]
 FULL = [320, 640, 1280, 1280]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def random_state_dict(meta_module: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import torch
 from controlstack.controlnet import ControlNet, ControlNetConfig, build_controlnet
 from controlstack.controlnet.convert import ldm_to_diffusers
 from controlstack.controlnet.model import timestep_embedding
+from numerics import rel_err as rel_err  # one home (scripts/numerics.py); re-exported for the tests
 
 # Very small configs that still have every block type: identity and projecting ResBlocks, transformers,
 # downsamples, a level without attention (SD1/SD2) or without transformers at all (SDXL), the middle block.
@@ -185,12 +186,6 @@ def diffusers_unet(config: ControlNetConfig, seed: int = 0):
     kw["out_channels"] = config.in_channels
     unet = UNet2DConditionModel(**kw)
     return randomize_(unet, seed).eval().requires_grad_(False)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def diffusers_residuals(model, x, hint, timesteps, context, added_cond_kwargs=None) -> list[torch.Tensor]:
