@@ -7,7 +7,7 @@ run divided by its steps, timed with CUDA events after a warm-up run; the table 
 host without ControlNets, peak GPU memory, and ControlStack's host-side (Python) time per ControlNet per step.
 
     .venv/bin/python bench/bench_controlnet.py            # GPU: SD1.5 512^2 (N = 1, 2, 3) and SDXL 1024^2 (N = 1, 2)
-    .venv/bin/python bench/bench_controlnet.py --tiny     # CPU smoke test: SD1.5 at 64^2, 2 steps, N = 1, 2
+    .venv/bin/python bench/bench_controlnet.py --tiny     # CPU smoke test: SD1.5 at 64^2, 2 steps, N = 2
 
 Models are seeded random weights built in memory (nothing downloaded, nothing written).
 """
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--comfy-dir", type=Path, default=Path(os.environ.get("CONTROLSTACK_COMFY_DIR", DEFAULT_COMFY))
     )
-    p.add_argument("--tiny", action="store_true", help="CPU smoke test: SD1.5 at 64^2, 2 steps, N = 1, 2")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: SD1.5 at 64^2, 2 steps, N = 2")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-sdxl", action="store_true")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     rows: list[dict] = []
     if args.tiny:
-        plan = [("sd1", 64, 2, (1, 2), 1)]
+        plan = [("sd1", 64, 2, (2,), 1)]
     else:
         plan = [("sd1", 512, args.steps, (1, 2, 3), args.repeats)]
         if not args.skip_sdxl:
