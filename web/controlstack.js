@@ -22,20 +22,33 @@ const HINT_EVENT = "controlstack.hint_preview";
 const LOAD_NODE = "ControlStackLoadControlNet";
 const UNION_NODE = "ControlStackUnionType";
 
-export const LAYERS = [
-  "in_00", "in_01", "in_02", "in_03", "in_04", "in_05",
-  "in_06", "in_07", "in_08", "in_09", "in_10", "in_11", "middle",
-];
+/**
+ * The ControlScale layer names (shallow -> deep, middle last) and the "prompt is more important" decay. Defined once,
+ * in Python (nodes/controlnet_nodes.py ControlScale, controlnet/stack.py PROMPT_DECAY): they arrive with the node
+ * definition (/object_info, the `controlstack` options of the `mode` input) and are filled in when it registers.
+ */
+export const scaleSchema = { layers: null, promptDecay: null };
+
+function readScaleSchema(nodeData) {
+  const meta = nodeData?.input?.required?.mode?.[1]?.controlstack;
+  if (!Array.isArray(meta?.layers) || !meta.layers.length || typeof meta.prompt_decay !== "number") {
+    console.error(`${EXT}: ${SCALE_NODE} definition lacks mode.controlstack {layers, prompt_decay}; no chart`);
+    return;
+  }
+  scaleSchema.layers = meta.layers.map(String);
+  scaleSchema.promptDecay = meta.prompt_decay;
+}
 export const MODE_BALANCED = "balanced";
 export const MODE_PROMPT = "prompt is more important";
 export const MODE_CONTROL = "ControlNet is more important";
 export const MODE_CUSTOM = "custom";
 
 /** Values a preset gives each layer widget; null for "custom" (the user's values stay). */
-export function presetValues(mode, count = LAYERS.length) {
+export function presetValues(mode, count = scaleSchema.layers?.length ?? 0) {
   if (mode === MODE_PROMPT) {
-    // Guess mode: 0.825 ** (12 - i), i = 0..12, middle (i = 12) gets 1.0.
-    return Array.from({ length: count }, (_, i) => 0.825 ** (count - 1 - i));
+    // Guess mode: decay ** (n - 1 - i), the deepest layer (middle) gets 1.0; as controlnet/stack.py mode_scales.
+    if (scaleSchema.promptDecay == null) return null;
+    return Array.from({ length: count }, (_, i) => scaleSchema.promptDecay ** (count - 1 - i));
   }
   if (mode === MODE_BALANCED || mode === MODE_CONTROL) return Array(count).fill(1.0);
   return null;
@@ -56,12 +69,34 @@ const CHART_PAD_TOP = 16; // room for the mode label
 const CHART_PAD_BOTTOM = 14; // room for the layer labels
 
 function layerWidgets(node) {
-  return LAYERS.map((name) => node.widgets?.find((w) => w.name === name)).filter(Boolean);
+  return (scaleSchema.layers ?? []).map((name) => node.widgets?.find((w) => w.name === name)).filter(Boolean);
 }
 
 function modeWidget(node) {
   return node.widgets?.find((w) => w.name === "mode");
 }
+
+function chartOf(node) {
+  return node.widgets?.find((w) => w.name === CHART_NAME);
+}
+
+/** Nodes 2.0 (Vue nodes, setting Comfy.VueNodes.Enabled): the frontend mirrors the setting here. */
+function vueNodesOn() {
+  return !!globalThis.LiteGraph?.vueNodesMode;
+}
+
+/**
+ * Redraw after a value change. Classic: the graph canvas. Nodes 2.0 draws a custom widget on its own <canvas>
+ * (WidgetLegacy.vue) only when mounted, resized or when it sets `triggerDraw`, so ask for it.
+ */
+function redraw(node) {
+  node.graph?.setDirtyCanvas?.(true, true);
+  chartOf(node)?.triggerDraw?.();
+}
+
+// > 0 while a value is set by a program (this extension, app.loadApiJson): such a set keeps the mode. Nodes 2.0
+// calls widget callbacks with the value only, for user edits too, so the call's arguments cannot tell them apart.
+let programmatic = 0;
 
 function valueRange(widget) {
   const min = Number(widget?.options?.min ?? 0);
@@ -72,7 +107,8 @@ function valueRange(widget) {
 /** Node-relative geometry of the chart and its bars (also used by the browser tests to aim the mouse). */
 function chartGeometry(node, chart) {
   const layers = layerWidgets(node);
-  const width = chart.width || node.size[0];
+  // The width the chart was last drawn at: the node's on the graph canvas, the widget element's in Nodes 2.0.
+  const width = chart.last_width || chart.width || node.size[0];
   const top = (chart.last_y ?? chart.y ?? 0) + 2;
   const x0 = CHART_MARGIN;
   const x1 = width - CHART_MARGIN;
@@ -113,21 +149,27 @@ function setLayerValue(node, widget, value, { snap = false } = {}) {
   let v = Math.min(max, Math.max(min, value));
   if (snap) v = Math.round(v * 100) / 100; // mouse drags land on 0.01 steps
   if (widget.value === v) return false;
-  const old = widget.value;
-  widget.value = v;
-  // Programmatic call (one argument): the wrapped callback does not treat it as a user edit of the number.
-  widget.__csOrigCallback?.call(widget, v);
-  node.onWidgetChanged?.(widget.name, v, old, widget);
+  setWidget(node, widget, v);
   return true;
 }
 
 function setMode(node, mode) {
   const mw = modeWidget(node);
   if (!mw || mw.value === mode) return;
-  const old = mw.value;
-  mw.value = mode;
-  mw.__csOrigCallback?.call(mw, mode);
-  node.onWidgetChanged?.(mw.name, mode, old, mw);
+  setWidget(node, mw, mode);
+}
+
+/** Set a widget as a program: through its whole callback chain (Nodes 2.0 updates the shown value there). */
+function setWidget(node, widget, value) {
+  const old = widget.value;
+  widget.value = value;
+  programmatic++;
+  try {
+    widget.callback?.(value);
+  } finally {
+    programmatic--;
+  }
+  node.onWidgetChanged?.(widget.name, value, old, widget);
 }
 
 /** Apply the preset of the node's current mode to the layer widgets (no-op for "custom"). */
@@ -137,7 +179,7 @@ function applyPreset(node) {
   const values = presetValues(mw?.value, layers.length);
   if (!values) return;
   layers.forEach((w, i) => setLayerValue(node, w, values[i]));
-  node.graph?.setDirtyCanvas(true, true);
+  redraw(node);
 }
 
 function matchesPreset(node) {
@@ -149,13 +191,29 @@ function matchesPreset(node) {
 
 function markChanged(node) {
   if (node.graph) node.graph._version++;
-  node.graph?.setDirtyCanvas(true, true);
+  redraw(node);
   // The workflow's change tracker (undo/redo, "modified" dot) checks the graph on every window mouseup.
 }
 
 function drawChart(ctx, node, width, y) {
   const chart = this;
   chart.last_y = y;
+  chart.last_width = width;
+  chart.draws = (chart.draws ?? 0) + 1; // tests: the chart is really drawn (in a subgraph, in Nodes 2.0)
+  if (vueNodesOn() && ctx.canvas && ctx.canvas !== app.canvas?.canvas) {
+    // Nodes 2.0 draws it on a <canvas> of its own, absolutely placed (13 px up) in a widget row of no height: give
+    // the row the chart's height, or the node ends above the chart and the chart hangs out under it.
+    const row = ctx.canvas.parentElement;
+    if (row && !row.style.height) row.style.height = `${CHART_HEIGHT - 10}px`;
+    // There a press on a custom widget also bubbles to the node, which starts dragging the node (and the bar drag
+    // goes with it). Keep the chart's pointer events to the chart: its own handlers, on this element, still run.
+    if (!ctx.canvas.__csOwnPointer) {
+      ctx.canvas.__csOwnPointer = true;
+      for (const type of ["pointerdown", "pointermove", "pointerup"]) {
+        ctx.canvas.addEventListener(type, (e) => e.stopPropagation());
+      }
+    }
+  }
   const g = chartGeometry(node, chart);
   const mode = modeWidget(node)?.value;
   ctx.save();
@@ -229,13 +287,15 @@ function chartMouse(event, pos, node) {
   } else {
     return false;
   }
-  const widget = g.layers[chart.dragIndex];
-  if (widget) setLayerValue(node, widget, g.vOf(y), { snap: true });
   if (type === "pointerup" || type === "mouseup") {
+    // The value is the last press / move's. Nodes 2.0 gives the release in node coordinates, not the widget's.
     chart.dragIndex = null;
     markChanged(node);
+    return true;
   }
-  node.graph?.setDirtyCanvas(true, true);
+  const widget = g.layers[chart.dragIndex];
+  if (widget) setLayerValue(node, widget, g.vOf(y), { snap: true });
+  redraw(node);
   return true;
 }
 
@@ -246,22 +306,23 @@ function setupScaleNode(node) {
   if (!mw || !layers.length) return;
 
   // mode -> bars: a preset rewrites the layer widgets.
-  mw.__csOrigCallback = mw.callback;
+  const modeCallback = mw.callback;
   mw.callback = function (value, ...rest) {
-    const r = mw.__csOrigCallback?.call(this, value, ...rest);
+    const r = modeCallback?.call(this, value, ...rest);
     applyPreset(node);
+    redraw(node);
     return r;
   };
-  // number widget -> mode: a user edit that leaves the preset switches to custom. Programmatic sets
-  // (loadApiJson passes one argument) keep the mode, so an API workflow loads exactly as written.
+  // number widget -> mode: a user edit that leaves the preset switches to custom. Programmatic sets (ours,
+  // app.loadApiJson) keep the mode, so an API workflow loads exactly as written. A user edit: the graph canvas
+  // passes the canvas as second argument; Nodes 2.0 passes the value only, so there any call that is not ours is.
   for (const w of layers) {
-    w.__csOrigCallback = w.callback;
+    const layerCallback = w.callback;
     w.callback = function (value, canvas, ...rest) {
-      const r = w.__csOrigCallback?.call(this, value, canvas, ...rest);
-      if (canvas !== undefined && modeWidget(node)?.value !== MODE_CUSTOM && !matchesPreset(node)) {
-        adoptPreset(node, w);
-      }
-      node.graph?.setDirtyCanvas(true, true);
+      const r = layerCallback?.call(this, value, canvas, ...rest);
+      const userEdit = programmatic === 0 && (canvas !== undefined || vueNodesOn());
+      if (userEdit && modeWidget(node)?.value !== MODE_CUSTOM && !matchesPreset(node)) adoptPreset(node, w);
+      redraw(node);
       return r;
     };
   }
@@ -328,7 +389,18 @@ export function stackIndex(node) {
   return k;
 }
 
-function recolorStack(graph = app.graph) {
+/** The root graph and every subgraph definition in it (nodes inside subgraphs live in the latter). */
+export function allGraphs() {
+  const root = app.rootGraph ?? app.graph;
+  if (!root) return [];
+  return [root, ...(root.subgraphs?.values?.() ?? [])];
+}
+
+function recolorStack() {
+  for (const graph of allGraphs()) recolorGraph(graph);
+}
+
+function recolorGraph(graph) {
   const nodes = graph?._nodes ?? graph?.nodes ?? [];
   for (const node of nodes) {
     if (node.comfyClass !== HINT_NODE) continue;
@@ -406,7 +478,7 @@ async function refreshKind(node) {
     // A kind without a colour (a missing file, an unreadable answer) drops the previous file's colour.
     [node.color, node.bgcolor] = (info && KIND_COLORS[info.kind]) || [undefined, undefined];
   }
-  app.graph?.setDirtyCanvas?.(true, true);
+  node.graph?.setDirtyCanvas?.(true, true);
 }
 
 /** The Load ControlNet node feeding an ApplyHint's control_net input (through Union Type and reroutes). */
@@ -455,19 +527,31 @@ function drawTitleBadge(node, ctx, text) {
 // Hint preview (server event) and tooltips
 // ---------------------------------------------------------------------------------------------------------------
 
+/**
+ * The node an execution id names: "12" on the root graph, "5:12" = node 12 inside subgraph node 5 (nested: "5:8:12").
+ * The server's UNIQUE_ID, so the id of the hint event, is this id.
+ */
+export function nodeByExecutionId(id) {
+  const parts = String(id).split(":");
+  let graph = app.rootGraph ?? app.graph;
+  for (const hop of parts.slice(0, -1)) graph = graph?.getNodeById?.(hop)?.subgraph;
+  return graph?.getNodeById?.(parts.at(-1)) ?? null;
+}
+
 function onHintPreview({ detail }) {
   if (!detail || detail.node == null || !Array.isArray(detail.images)) return;
   const id = String(detail.node);
-  const node = app.graph?.getNodeById?.(id) ?? app.graph?.getNodeById?.(Number(id));
   const images = detail.images.map(({ filename, subfolder = "", type = "temp" }) => ({ filename, subfolder, type }));
-  // Same store the frontend fills from `executed` ui.images; the node's background handler loads them into
-  // node.imgs and draws them under the widgets.
-  app.nodeOutputs[id] = { images };
-  if (node) {
-    node.csHintImages = images;
-    node.setDirtyCanvas?.(true, true);
-  }
-  app.graph?.setDirtyCanvas(true, true);
+  const node = nodeByExecutionId(id);
+  if (node) node.csHintImages = images;
+  // Announce the images as the host's own `executed` message would: the frontend then files them under the node's
+  // locator (subgraphs included) in the store both renderers read: the graph canvas loads them into node.imgs,
+  // Nodes 2.0 shows them in the node's image preview. Writing app.nodeOutputs[id] reaches neither a node in a
+  // subgraph nor Nodes 2.0 (its store is reactive, app.nodeOutputs is not).
+  const message = { node: id, display_node: id, output: { images }, prompt_id: detail.prompt_id ?? null };
+  if (typeof api.dispatchCustomEvent === "function") api.dispatchCustomEvent("executed", message);
+  else api.dispatchEvent(new CustomEvent("executed", { detail: message }));
+  node?.graph?.setDirtyCanvas?.(true, true);
 }
 
 const FALLBACK_TOOLTIPS = {
@@ -482,16 +566,10 @@ const FALLBACK_TOOLTIPS = {
     mask: "Optional: restrict the ControlNet's effect to the masked area.",
     scales: "Optional per-layer multipliers from ControlNet Layer Scales.",
   },
-  [SCALE_NODE]: {
-    mode: "balanced: all 1.0 · prompt is more important: 0.825^(12-i) · ControlNet is more important: cond only · custom: your values.",
-    middle: "Multiplier of the middle-block residual.",
-  },
+  // ControlScale: the node definition has a tooltip for every input (nodes/controlnet_nodes.py).
+  [SCALE_NODE]: {},
   [SAMPLER_NODE]: {},
 };
-for (let i = 0; i < 12; i++) {
-  FALLBACK_TOOLTIPS[SCALE_NODE][`in_${String(i).padStart(2, "0")}`] =
-    `Multiplier of encoder residual ${i} (0 = shallowest, 11 = deepest).`;
-}
 
 function inputTooltip(nodeData, name) {
   for (const group of ["required", "optional"]) {
@@ -522,12 +600,26 @@ app.registerExtension({
 
   async setup() {
     api.addEventListener(HINT_EVENT, onHintPreview);
+    // Values that app.loadApiJson sets are programmatic (it calls each widget callback with the value only, as
+    // Nodes 2.0 does for user edits): an API workflow keeps its mode.
+    const loadApiJson = app.loadApiJson;
+    if (typeof loadApiJson === "function") {
+      app.loadApiJson = function (...args) {
+        programmatic++;
+        try {
+          return loadApiJson.apply(this, args);
+        } finally {
+          programmatic--;
+        }
+      };
+    }
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     const cls = nodeData?.name ?? "";
     if (!cls.startsWith("ControlStack")) return;
     nodeDataByClass.set(cls, nodeData);
+    if (cls === SCALE_NODE) readScaleSchema(nodeData);
     if (!nodeData.description) {
       nodeData.description = {
         [HINT_NODE]: "Adds one ControlNet with its hint to the model's control stack.",
@@ -603,6 +695,9 @@ app.registerExtension({
 // Small, stable hooks for the browser tests (read-only helpers; nothing depends on them).
 globalThis.ControlStackWeb = {
   presetValues,
+  scaleSchema,
+  allGraphs,
+  nodeByExecutionId,
   stackIndex,
   recolorStack,
   describeControlFile,
@@ -610,7 +705,7 @@ globalThis.ControlStackWeb = {
   sourceLoader,
   KIND_COLORS,
   chartGeometry(node) {
-    const chart = node?.widgets?.find((w) => w.name === CHART_NAME);
-    return chart ? chart.geometry() : null;
+    const chart = node && chartOf(node);
+    return chart ? { ...chart.geometry(), draws: chart.draws ?? 0, width: chart.last_width ?? null } : null;
   },
 };

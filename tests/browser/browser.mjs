@@ -80,8 +80,9 @@ export function isBlockedNoise(text, location) {
 }
 
 /** Open the frontend and wait until the graph canvas, the node defs and our extension are ready. */
-export async function openApp(context, url, { timeoutMs = 90_000 } = {}) {
-  const page = context.pages()[0] ?? (await context.newPage());
+export async function openApp(context, url, { timeoutMs = 90_000, newPage = false, beforeGoto = null } = {}) {
+  const page = (!newPage && context.pages()[0]) || (await context.newPage());
+  if (beforeGoto) await beforeGoto(page); // e.g. page.route() overrides, before the app asks for anything
   const consoleErrors = [];
   const pageErrors = [];
   page.on("console", (msg) => {

@@ -1,8 +1,10 @@
 """Browser-level fixtures: the real host (scripts/host.py) + headless chromium driven by tests/browser/driver.mjs.
 
 The driver runs once per session over every UI-format workflow (load by a real drop event, compare with the API
-twin, queue with the Run button, wait for /history, PNG round trip, mouse drag on the layer-scale widget, the
-kind badge of Load ControlNet) and prints one JSON document; the tests assert on its fields. Screenshots land in .artifacts/browser/.
+twin; BROWSER_RUNS queued with the Run button, wait for /history, PNG round trip), then a mouse drag on the
+layer-scale widget, the kind badge of Load ControlNet, and MODES_WORKFLOW with one ApplyHint + ControlScale in a
+subgraph on the classic canvas and in Nodes 2.0. It prints one JSON document; the tests assert on its fields.
+Screenshots land in .artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from typing import Any
 
 import host
 import pytest
-from browser_helpers import KIND_CLASSIC, KIND_MISSING, KIND_WORKFLOW, api_twin, ui_workflows
+from browser_helpers import (
+    BROWSER_RUNS,
+    KIND_CLASSIC,
+    KIND_MISSING,
+    KIND_WORKFLOW,
+    MODES_DECAY,
+    MODES_WORKFLOW,
+    api_twin,
+    ui_workflows,
+)
 
 BROWSER_DIR = Path(__file__).resolve().parent
 REPO = host.REPO
@@ -130,13 +141,14 @@ def browser_run(browser_server: host.ComfyServer) -> dict[str, Any]:
             ok, why = runnable(browser_server, json.loads(api.read_text()))
             if not ok:
                 skipped[ui.stem] = f"not runnable on this host (missing {why})"
-    # Queue only the runnable ones; the rest are still loaded, compared and screenshotted.
+    # Queue BROWSER_RUNS only (they must be runnable here); every workflow is loaded, compared and screenshotted.
+    not_queued = {wf["name"] for wf in workflows} - set(BROWSER_RUNS)
     job = {
         "url": browser_server.url,
         "artifact_dir": str(ARTIFACTS),
         "workflows": workflows,
         "run": True,
-        "skip_run": sorted(skipped),
+        "skip_run": sorted(not_queued | set(skipped)),
         "run_timeout_s": 420,
         "png_roundtrip": True,
         "drag": True,
@@ -144,6 +156,9 @@ def browser_run(browser_server: host.ComfyServer) -> dict[str, Any]:
     if KIND_WORKFLOW in {wf["name"] for wf in workflows}:
         # Load ControlNet's kind badge: a T2I-Adapter workflow, then the combo switched to these files.
         job["kinds"] = {"workflow": KIND_WORKFLOW, "classic": KIND_CLASSIC, "missing": KIND_MISSING}
+    if MODES_WORKFLOW in {wf["name"] for wf in workflows}:
+        # Last: classic then Nodes 2.0, one ApplyHint + ControlScale in a subgraph, one run each.
+        job["modes"] = {"workflow": MODES_WORKFLOW, "decay": MODES_DECAY, "seed": 101}
     t0 = time.perf_counter()
     # Own process group: on a timeout the driver and the chromium it started go down together.
     proc = subprocess.Popen(

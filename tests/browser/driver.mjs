@@ -11,8 +11,11 @@
 //     "png_roundtrip": true,                   // drop the first output PNG back in, compare graphToPrompt()
 //     "skip_run": ["name"],                    // load and compare these, but do not queue them
 //     "drag": true,                            // drag a bar of the layer-scale widget with the mouse
-//     "kinds": {"workflow": "x", "classic": "cn.safetensors", "missing": "nope.safetensors"}
+//     "kinds": {"workflow": "x", "classic": "cn.safetensors", "missing": "nope.safetensors"},
 //                                              // Load ControlNet's kind badge and colours, the describe route
+//     "modes": {"workflow": "x", "decay": 0.5, "seed": 101}
+//                                              // chart + hint preview with one ApplyHint + ControlScale in a
+//                                              // subgraph, classic then Nodes 2.0 (a second page, decay patched)
 //   }
 // Output (stdout, one JSON object): startup info and one record per workflow with the numbers pytest asserts on.
 // Progress goes to stderr. Exit code 0 unless the driver itself failed (test verdicts are pytest's job).
@@ -610,6 +613,301 @@ async function kindBadges(page, wf, errs, artifactDir, { classic, missing, zoom 
 }
 
 // --------------------------------------------------------------------------------------------------------------
+// Nodes 2.0 and subgraphs (job.modes)
+// --------------------------------------------------------------------------------------------------------------
+
+const SCALE_NODE = "ControlStackControlScale";
+const HINT_NODE = "ControlStackApplyHint";
+
+/**
+ * Move the second ApplyHint of the loaded graph and the ControlScale that feeds it into a new subgraph (the host
+ * then runs them as "<subgraph node>:<inner id>"). Returns the ids: root hint / scale, the subgraph node and the
+ * inner hint / scale.
+ */
+async function makeSubgraph(page) {
+  return page.evaluate(
+    ({ SCALE, HINT }) => {
+      const g = window.app.graph;
+      const hints = g._nodes.filter((n) => n.comfyClass === HINT);
+      if (hints.length < 2) return { error: `need two ${HINT} nodes, found ${hints.length}` };
+      const scaleOf = (h) => {
+        const slot = h.findInputSlot("scales");
+        const up = slot >= 0 ? h.getInputNode(slot) : null;
+        return up?.comfyClass === SCALE ? up : null;
+      };
+      const [rootHint, moved] = hints;
+      const rootScale = scaleOf(rootHint);
+      const movedScale = scaleOf(moved);
+      if (!rootScale || !movedScale) return { error: "each ApplyHint needs a ControlScale on its scales input" };
+      const { subgraph, node } = g.convertToSubgraph(new Set([moved, movedScale]));
+      const inner = (cls) => subgraph._nodes.find((n) => n.comfyClass === cls)?.id ?? null;
+      return {
+        root: { hint: rootHint.id, scale: rootScale.id },
+        subgraph_node: node.id,
+        subgraph_id: subgraph.id,
+        inner: { hint: inner(HINT), scale: inner(SCALE) },
+      };
+    },
+    { SCALE: SCALE_NODE, HINT: HINT_NODE },
+  );
+}
+
+/** Show `nodeId` of the graph on screen (root, or the subgraph when `subgraph` is true) at zoom 1. */
+async function showNode(page, ids, nodeId, subgraph) {
+  const switched = await page.evaluate(
+    ({ ids, subgraph }) => {
+      const canvas = window.app.canvas;
+      const root = window.app.graph;
+      const sgNode = root.getNodeById(ids.subgraph_node);
+      const want = subgraph ? sgNode.subgraph : root;
+      if (canvas.graph === want) return false;
+      if (subgraph) canvas.openSubgraph(want, sgNode);
+      else canvas.setGraph(root);
+      return true;
+    },
+    { ids, subgraph },
+  );
+  // After a graph switch the frontend restores that graph's saved view a moment later: aim after that.
+  if (switched) await sleep(800);
+  await page.evaluate((nodeId) => {
+    const canvas = window.app.canvas;
+    const node = canvas.graph.getNodeById(nodeId);
+    const ds = canvas.ds;
+    ds.scale = 1;
+    ds.offset[0] = -node.pos[0] + 150;
+    ds.offset[1] = -node.pos[1] + 120;
+    canvas.setDirty(true, true);
+  }, nodeId);
+  await sleep(700); // a frame (classic) / the Vue node mounts and draws its widgets
+}
+
+/**
+ * The layer-scale chart of ControlScale `nodeId` in the graph now shown: what the extension computed (values,
+ * draws) and the colours of the drawn pixels at the centres of the middle and in_11 bars. Classic: the graph
+ * canvas; Nodes 2.0: the chart's own <canvas> inside the node's DOM element.
+ */
+async function chartState(page, nodeId) {
+  return page.evaluate((nodeId) => {
+    const canvas = window.app.canvas;
+    const node = canvas.graph.getNodeById(nodeId);
+    const g = window.ControlStackWeb.chartGeometry(node);
+    if (!g) return { error: "no chart widget" };
+    const vue = !!window.LiteGraph.vueNodesMode;
+    const el = vue ? document.querySelector(`[data-node-id="${nodeId}"] canvas`) : canvas.canvas;
+    const pixel = (bar) => {
+      if (!el || !bar) return null;
+      const ratio = el.width / el.clientWidth; // device pixels per CSS pixel of that canvas
+      const ds = canvas.ds;
+      const y = (bar.top + bar.bottom) / 2;
+      const [x, yy] = vue
+        ? [bar.cx, y]
+        : [(node.pos[0] + bar.cx + ds.offset[0]) * ds.scale, (node.pos[1] + y + ds.offset[1]) * ds.scale];
+      const d = el.getContext("2d").getImageData(Math.round(x * ratio), Math.round(yy * ratio), 1, 1).data;
+      return [d[0], d[1], d[2]];
+    };
+    const byName = (name) => g.bars.find((b) => b.name === name);
+    return {
+      vue,
+      element: vue ? !!el : null,
+      draws: g.draws,
+      width: g.width,
+      names: g.bars.map((b) => b.name),
+      values: g.values,
+      mode: node.widgets.find((w) => w.name === "mode")?.value ?? null,
+      pixel_middle: pixel(byName("middle")),
+      pixel_in_11: pixel(byName("in_11")),
+    };
+  }, nodeId);
+}
+
+/** After a run: the hint previews of the root ApplyHint and of the one in the subgraph, as the page shows them. */
+async function previewState(page, ids, subgraph, timeoutMs = 15_000) {
+  const hintId = subgraph ? ids.inner.hint : ids.root.hint;
+  await showNode(page, ids, hintId, subgraph);
+  const read = () =>
+    page.evaluate(
+      ({ ids, hintId, subgraph }) => {
+        const vue = !!window.LiteGraph.vueNodesMode;
+        const node = window.app.canvas.graph.getNodeById(hintId);
+        const loaded = (imgs) => imgs.filter((i) => i?.complete && i.naturalWidth > 0).length;
+        const locator = subgraph ? `${ids.subgraph_id}:${hintId}` : String(hintId);
+        const execId = subgraph ? `${ids.subgraph_node}:${hintId}` : String(hintId);
+        return {
+          execution_id: execId,
+          found_by_execution_id: window.ControlStackWeb.nodeByExecutionId(execId) === node,
+          hint_event_images: (node.csHintImages ?? []).length,
+          stored_images: window.app.nodeOutputs[locator]?.images?.length ?? 0,
+          // what is on screen: classic loads node.imgs when it draws the node; Nodes 2.0 has <img> in the node
+          shown: vue
+            ? loaded([...document.querySelectorAll(`[data-node-id="${hintId}"] img`)])
+            : loaded(node.imgs ?? []),
+        };
+      },
+      { ids, hintId, subgraph },
+    );
+  const deadline = Date.now() + timeoutMs;
+  let s = await read();
+  while (s.shown === 0 && Date.now() < deadline) {
+    await page.evaluate(() => window.app.canvas.setDirty(true, true));
+    await sleep(300);
+    s = await read();
+  }
+  return s;
+}
+
+/** Drag bar `index` of ControlScale `nodeId`'s chart (graph now shown) to `target` with the real mouse. */
+async function dragChart(page, nodeId, { index = 3, target = 1.5 } = {}) {
+  const geo = await page.evaluate(
+    ({ nodeId, index, target }) => {
+      const canvas = window.app.canvas;
+      const node = canvas.graph.getNodeById(nodeId);
+      const g = window.ControlStackWeb.chartGeometry(node);
+      const bar = g.bars[index];
+      const yOf = (v) => g.plotBottom - ((v - g.min) / (g.max - g.min)) * (g.plotBottom - g.plotTop);
+      let toScreen;
+      if (window.LiteGraph.vueNodesMode) {
+        const el = document.querySelector(`[data-node-id="${nodeId}"] canvas`);
+        const r = el.getBoundingClientRect();
+        const sx = r.width / el.clientWidth; // the canvas zoom transform on the node element
+        const sy = r.height / el.clientHeight;
+        toScreen = (x, y) => [r.left + x * sx, r.top + y * sy];
+      } else {
+        const ds = canvas.ds;
+        const r = canvas.canvas.getBoundingClientRect();
+        toScreen = (x, y) => [
+          r.left + (node.pos[0] + x + ds.offset[0]) * ds.scale,
+          r.top + (node.pos[1] + y + ds.offset[1]) * ds.scale,
+        ];
+      }
+      return { name: bar.name, from: toScreen(bar.cx, (bar.top + bar.bottom) / 2 - 1), to: toScreen(bar.cx, yOf(target)) };
+    },
+    { nodeId, index, target },
+  );
+  // What the press lands on (a diagnosis when the drag does nothing): the chart's canvas or something over it.
+  const hit = await page.evaluate(([x, y]) => {
+    const el = document.elementFromPoint(x, y);
+    const what = el ? `${el.tagName.toLowerCase()}.${String(el.className?.baseVal ?? el.className).slice(0, 80)}` : null;
+    return { at: [Math.round(x), Math.round(y)], element: what };
+  }, geo.from);
+  await page.mouse.move(geo.from[0], geo.from[1]);
+  await page.mouse.down();
+  for (let i = 1; i <= 8; i++) {
+    await page.mouse.move(geo.from[0], geo.from[1] + ((geo.to[1] - geo.from[1]) * i) / 8);
+    await sleep(30);
+  }
+  await page.mouse.up();
+  await sleep(300);
+  const prompt = await promptOutput(page);
+  const inputs = Object.values(prompt).find((n) => n.class_type === SCALE_NODE && n.inputs?.[geo.name] != null)
+    ?.inputs;
+  const after = await page.evaluate(
+    ({ nodeId, name }) => {
+      const node = window.app.canvas.graph.getNodeById(nodeId);
+      return {
+        value: node.widgets.find((w) => w.name === name).value,
+        mode: node.widgets.find((w) => w.name === "mode").value,
+      };
+    },
+    { nodeId, name: geo.name },
+  );
+  return { widget: geo.name, target, hit, ...after, prompt_value: inputs?.[geo.name] ?? null, prompt_mode: inputs?.mode ?? null };
+}
+
+/**
+ * Edits as the node's own widgets make them (value, then the callback with what that renderer passes), on
+ * ControlScale `nodeId`: the "prompt is more important" preset, then a user edit of in_05 that leaves it.
+ */
+async function presetAndEdit(page, nodeId) {
+  return page.evaluate((nodeId) => {
+    const vue = !!window.LiteGraph.vueNodesMode;
+    const canvas = window.app.canvas;
+    const node = canvas.graph.getNodeById(nodeId);
+    const w = (name) => node.widgets.find((x) => x.name === name);
+    // Nodes 2.0's widget components call widget.callback(value); the graph canvas adds (canvas, node, pos, e).
+    const edit = (widget, value) => {
+      widget.value = value;
+      if (vue) widget.callback?.(value);
+      else widget.callback?.(value, canvas, node);
+    };
+    const layers = () => window.ControlStackWeb.scaleSchema.layers.map((n) => Number(w(n).value));
+    edit(w("mode"), "prompt is more important");
+    const preset = { mode: w("mode").value, values: layers() };
+    edit(w("in_05"), 0.3);
+    return { preset, after_edit: { mode: w("mode").value, values: layers() } };
+  }, nodeId);
+}
+
+/**
+ * One renderer (classic graph canvas or Nodes 2.0) over `wf`: load it, move one ApplyHint + ControlScale into a
+ * subgraph, read the root chart, run (seed `seed`, so the host samples again), read both hint previews and the
+ * chart inside the subgraph; in Nodes 2.0 also drag a bar and edit the widgets.
+ */
+async function modesOnPage(page, wf, base, errs, artifactDir, { seed, label, timeoutS, drag }) {
+  const t0 = Date.now();
+  const out = { label };
+  const mark = errs.console.length;
+  const pmark = errs.page.length;
+  const rec = await loadWorkflow(page, wf, errs, artifactDir);
+  if (!rec.loaded) return { ...out, error: `could not load ${wf.name}` };
+  out.vue_nodes_mode = await page.evaluate(() => !!window.LiteGraph.vueNodesMode);
+  out.scale_schema = await page.evaluate(() => window.ControlStackWeb.scaleSchema);
+  const ids = await makeSubgraph(page);
+  if (ids.error) return { ...out, error: ids.error };
+  out.ids = ids;
+  await page.evaluate((seed) => {
+    for (const n of window.app.graph._nodes) {
+      const w = n.widgets?.find((x) => x.name === "seed");
+      if (w) w.value = seed;
+    }
+  }, seed);
+  await showNode(page, ids, ids.root.scale, false);
+  out.root_chart = await chartState(page, ids.root.scale);
+  await screenshot(page, artifactDir, `modes-${label}-root`);
+  const before = await promptOutput(page);
+  out.prompt_ids = Object.keys(before).sort();
+  out.run = await queueFromUi(page, base, timeoutS);
+  out.root_preview = await previewState(page, ids, false);
+  out.subgraph_preview = await previewState(page, ids, true);
+  await showNode(page, ids, ids.inner.scale, true);
+  out.subgraph_chart = await chartState(page, ids.inner.scale);
+  await screenshot(page, artifactDir, `modes-${label}-subgraph`);
+  if (drag) {
+    await showNode(page, ids, ids.root.scale, false);
+    out.drag = await dragChart(page, ids.root.scale);
+    out.edit = await presetAndEdit(page, ids.root.scale);
+    out.chart_after_edit = await chartState(page, ids.root.scale);
+    await screenshot(page, artifactDir, `modes-${label}-drag`);
+  }
+  out.console_errors = errs.console.slice(mark);
+  out.page_errors = errs.page.slice(pmark);
+  out.ms = Date.now() - t0;
+  return out;
+}
+
+/** A page with Nodes 2.0 on (the setting answered by a route, nothing stored on the server) and, to show that the
+ * extension takes them from the node definition, ControlScale's prompt decay replaced by `decay`. */
+async function openVuePage(context, base, decay) {
+  return openApp(context, `${base}/`, {
+    newPage: true,
+    beforeGoto: async (page) => {
+      await page.route(/\/api\/settings$/, async (route) => {
+        if (route.request().method() !== "GET") return route.continue();
+        const resp = await route.fetch();
+        const settings = await resp.json();
+        await route.fulfill({ response: resp, json: { ...settings, "Comfy.VueNodes.Enabled": true } });
+      });
+      await page.route(/\/api\/object_info$/, async (route) => {
+        const resp = await route.fetch();
+        const info = await resp.json();
+        const meta = info[SCALE_NODE]?.input?.required?.mode?.[1]?.controlstack;
+        if (meta && decay != null) meta.prompt_decay = decay;
+        await route.fulfill({ response: resp, json: info });
+      });
+    },
+  });
+}
+
+// --------------------------------------------------------------------------------------------------------------
 
 async function main() {
   const job = readJob();
@@ -699,6 +997,30 @@ async function main() {
         result.kinds = await kindBadges(page, wf, errs, artifactDir, job.kinds);
       } catch (e) {
         result.kinds = { error: String(e?.stack || e) };
+      }
+    }
+    if (job.modes) {
+      log("modes");
+      const m = job.modes;
+      result.modes = {};
+      try {
+        const wf = (job.workflows ?? []).find((w) => w.name === m.workflow);
+        if (!wf) throw new Error(`modes: no workflow ${m.workflow} in the job`);
+        const timeoutS = job.run_timeout_s ?? 300;
+        result.modes.classic = await modesOnPage(page, wf, base, errs, artifactDir, {
+          seed: m.seed ?? 101, label: "classic", timeoutS, drag: false,
+        });
+        // One page at a time: the hint events go to every open page.
+        await page.close();
+        const vue = await openVuePage(context, base, m.decay);
+        const verrs = { console: vue.consoleErrors, page: vue.pageErrors };
+        await closeDialogs(vue.page);
+        result.modes.vue = await modesOnPage(vue.page, wf, base, verrs, artifactDir, {
+          seed: (m.seed ?? 101) + 1, label: "vue", timeoutS, drag: true,
+        });
+        result.modes.vue.startup_console_errors = vue.consoleErrors.slice(0, 20);
+      } catch (e) {
+        result.modes.error = String(e?.stack || e);
       }
     }
     result.console_errors = [...consoleErrors];

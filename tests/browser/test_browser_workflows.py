@@ -2,16 +2,31 @@
 
 One driver run (tests/browser/driver.mjs, fixture `browser_run`) does the browser work; these tests assert on the
 numbers and lists it returns. Screenshots: .artifacts/browser/<workflow>-loaded.png, -run.png, -from-png.png,
-layer-scale-drag.png, kind-badge-loader.png, kind-badge-hint.png; the whole result: .artifacts/browser/driver-result.json.
+layer-scale-drag.png, kind-badge-loader.png, kind-badge-hint.png, modes-*.png; the whole result:
+.artifacts/browser/driver-result.json. The last section covers Nodes 2.0 and subgraphs.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
+import host
 import pytest
-from browser_helpers import KIND_CLASSIC, KIND_MISSING, KIND_WORKFLOW, api_twin, ui_workflows
+from browser_helpers import (
+    BROWSER_RUNS,
+    KIND_CLASSIC,
+    KIND_MISSING,
+    KIND_WORKFLOW,
+    MODES_DECAY,
+    MODES_WORKFLOW,
+    REPO,
+    api_twin,
+    ui_workflows,
+)
+from controlstack.controlnet.stack import PROMPT_DECAY
 
 WORKFLOWS = ui_workflows()
 NAMES = [p.stem for p in WORKFLOWS] or ["<none>"]
@@ -34,14 +49,22 @@ def record(browser_run: dict[str, Any], name: str, *, clean: bool = True) -> dic
     raise AssertionError(f"no driver record for {name}")
 
 
-def test_ui_workflows_exist() -> None:
-    assert WORKFLOWS, (
-        "no UI-format workflows/*.json (generate them: node scripts/export_ui_workflows.mjs --url ...)"
+def test_ui_and_api_workflows_pair_one_to_one() -> None:
+    """Every shipped API workflow has a UI twin and the other way round.
+
+    What a twin holds (node types, widget values, links) is test_ui_workflow_matches_api_twin's job, through the
+    real frontend's graphToPrompt; that test only sees UI files, so an API workflow without a UI twin would never
+    reach the browser. This is the check that would catch it."""
+    api = {p.stem for p in (Path(__file__).resolve().parents[2] / "workflows" / "api").glob("*.json")}
+    ui = {p.stem for p in WORKFLOWS}
+    assert api, "no API workflows in workflows/api/"
+    assert api == ui, (
+        f"API only: {sorted(api - ui)}; UI only: {sorted(ui - api)} (node scripts/export_ui_workflows.mjs)"
     )
-    for ui in WORKFLOWS:
-        data = json.loads(ui.read_text())
-        assert "nodes" in data and "links" in data, f"{ui.name} is not UI format"
-        assert api_twin(ui) is not None, f"{ui.name} has no API twin in workflows/api/"
+    for path in WORKFLOWS:
+        data = json.loads(path.read_text())
+        assert data.get("nodes") and "links" in data, f"{path.name} is not UI format"
+        assert api_twin(path) is not None
 
 
 def test_frontend_and_extension_start(browser_run: dict[str, Any]) -> None:
@@ -73,10 +96,27 @@ def test_ui_workflow_matches_api_twin(browser_run: dict[str, Any], name: str) ->
     )
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _node_types(name: str) -> set[str]:
+    return {n["type"] for n in json.loads(WORKFLOWS[NAMES.index(name)].read_text())["nodes"]}
+
+
+def test_browser_runs_cover_every_node_type(browser_run: dict[str, Any]) -> None:
+    """Only BROWSER_RUNS (and MODES_WORKFLOW, twice) are queued from the page. Each other UI file equals its API
+    twin (test_ui_workflow_matches_api_twin) and the twins run in tests/host; what a run adds in the page is the
+    display of its results, so every ControlStack node and image output of a runnable workflow is queued here."""
+    queued = set().union(*(_node_types(n) for n in (*BROWSER_RUNS, MODES_WORKFLOW)))
+    for name in NAMES:
+        if name in browser_run["skipped_runs"]:  # its models are not on this host
+            continue
+        shown = {
+            t for t in _node_types(name) if t.startswith("ControlStack") or t in ("PreviewImage", "SaveImage")
+        }
+        assert shown <= queued, f"{name}: {sorted(shown - queued)} never queued in the browser"
+
+
+@pytest.mark.parametrize("name", BROWSER_RUNS)
 def test_workflow_runs_from_run_button(browser_run: dict[str, Any], name: str) -> None:
-    if name in browser_run["skipped_runs"]:
-        pytest.skip(browser_run["skipped_runs"][name])
+    assert name not in browser_run["skipped_runs"], browser_run["skipped_runs"][name]
     rec = record(browser_run, name)
     assert rec.get("queued"), f"{name} was not queued"
     assert rec.get("prompt_id"), rec.get("error") or rec.get("node_errors")
@@ -125,8 +165,8 @@ def test_layer_scale_drag(browser_run: dict[str, Any]) -> None:
     assert d["prompt_after"]["mode"] == "custom"
     assert abs(d["prompt_after"][name] - target) <= 0.05
     assert d["prompt_after"][name] != d["prompt_before"][name]
-    # presets redraw the bars: "prompt is more important" -> 0.825 ** (12 - i), the widgets follow
-    expected = [0.825 ** (12 - i) for i in range(13)]
+    # presets redraw the bars: "prompt is more important" -> PROMPT_DECAY ** (12 - i), the widgets follow
+    expected = [PROMPT_DECAY ** (12 - i) for i in range(13)]
     assert all(abs(v - e) <= 0.006 for v, e in zip(d["preset_values"], expected, strict=True)), d[
         "preset_values"
     ]
@@ -187,3 +227,129 @@ def test_load_controlnet_kind_badge(browser_run: dict[str, Any]) -> None:
         assert badge and badge["text"] == text, view
         assert badge["text_width"] <= badge["max_text_width"], f"badge squeezed: {view}"
         assert view["title_left"] <= badge["left"] and badge["right"] <= view["size"][0], view
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nodes 2.0 and subgraphs (driver step "modes"): MODES_WORKFLOW with its second ApplyHint + ControlScale moved into
+# a subgraph, run once on the classic canvas and once in Nodes 2.0 (Vue nodes, setting Comfy.VueNodes.Enabled),
+# where the ControlScale definition is served with prompt decay MODES_DECAY: the numbers show where the extension
+# takes the layer names and the decay from. Screenshots: modes-{classic,vue}-{root,subgraph}.png, modes-vue-drag.png.
+# ---------------------------------------------------------------------------------------------------------------
+
+RENDERERS = ("classic", "vue")
+BAR = (0x4F, 0xA3, 0xE0)  # in_xx bars (web/controlstack.js drawChart)
+MIDDLE_BAR = (0xC5, 0x86, 0xC0)
+
+
+def modes(browser_run: dict[str, Any], renderer: str) -> dict[str, Any]:
+    m = browser_run.get("modes")
+    assert m is not None, "driver ran no modes step"
+    assert "error" not in m, m["error"]
+    rec = m[renderer]
+    assert "error" not in rec, rec["error"]
+    return rec
+
+
+def server_schema(server: host.ComfyServer) -> dict[str, Any]:
+    spec = server.object_info()["ControlStackControlScale"]["input"]["required"]
+    return spec["mode"][1]["controlstack"]
+
+
+def api_inputs(node_id: str) -> dict[str, Any]:
+    return json.loads((REPO / "workflows" / "api" / f"{MODES_WORKFLOW}.json").read_text())[node_id]["inputs"]
+
+
+def near(rgb: list[int] | None, want: tuple[int, int, int], tol: int = 6) -> bool:
+    return rgb is not None and all(abs(a - b) <= tol for a, b in zip(rgb, want, strict=True))
+
+
+def test_layer_names_and_decay_come_from_the_node_definition(
+    browser_run: dict[str, Any], browser_server: host.ComfyServer
+) -> None:
+    schema = server_schema(browser_server)
+    classic, vue = modes(browser_run, "classic"), modes(browser_run, "vue")
+    assert classic["scale_schema"] == {"layers": schema["layers"], "promptDecay": schema["prompt_decay"]}
+    # The page that was served another decay uses it: for the preset and for the bars.
+    assert vue["scale_schema"] == {"layers": schema["layers"], "promptDecay": MODES_DECAY}
+    n = len(schema["layers"])
+    assert vue["edit"]["preset"]["values"] == pytest.approx(
+        [MODES_DECAY ** (n - 1 - i) for i in range(n)], abs=6e-3
+    )
+    # ... and the JS repeats neither (one home: nodes/controlnet_nodes.py, controlnet/stack.py).
+    js = (REPO / "web" / "controlstack.js").read_text()
+    assert str(schema["prompt_decay"]) not in js
+    assert not re.search(r"[\"'`]in_\d\d[\"'`]", js), "a layer name is spelled out in web/controlstack.js"
+
+
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_chart_draws_on_root_and_in_subgraph(browser_run: dict[str, Any], renderer: str) -> None:
+    rec = modes(browser_run, renderer)
+    assert rec["vue_nodes_mode"] is (renderer == "vue")
+    decay = rec["scale_schema"]["promptDecay"]
+    layers = rec["scale_schema"]["layers"]
+    n = len(layers)
+    ids = rec["ids"]
+    assert ids["subgraph_node"] is not None and ids["inner"]["scale"] is not None, ids
+    expect = {
+        # the root ControlScale is in "prompt is more important": the bars show the preset
+        "root_chart": [decay ** (n - 1 - i) for i in range(n)],
+        # the one in the subgraph is "custom": the bars show its widgets, as saved in the workflow
+        "subgraph_chart": [api_inputs("13")[name] for name in layers],
+    }
+    assert api_inputs("13")["mode"] == "custom" and api_inputs("12")["mode"] == "prompt is more important"
+    for key, values in expect.items():
+        chart = rec[key]
+        assert "error" not in chart, chart
+        assert chart["draws"] >= 1, f"{renderer} {key}: the chart was never drawn"
+        assert chart["names"] == layers
+        assert chart["values"] == pytest.approx(values, abs=6e-3), key
+        if renderer == "vue":
+            assert chart["element"], "Nodes 2.0: no <canvas> for the chart in the node's element"
+        # the pixels at the bar centres carry the bar colours: really drawn where the page shows the node
+        assert near(chart["pixel_middle"], MIDDLE_BAR), (key, chart)
+        assert near(chart["pixel_in_11"], BAR), (key, chart)
+
+
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_hint_preview_on_root_and_in_subgraph(browser_run: dict[str, Any], renderer: str) -> None:
+    rec = modes(browser_run, renderer)
+    run = rec["run"]
+    assert run.get("prompt_id"), run
+    assert run["status"] == "success", run
+    # the prompt the page sent names the inner nodes "<subgraph node>:<id>" (the host's UNIQUE_ID)
+    sub = rec["subgraph_preview"]
+    assert sub["execution_id"] == f"{rec['ids']['subgraph_node']}:{rec['ids']['inner']['hint']}"
+    assert sub["execution_id"] in rec["prompt_ids"], rec["prompt_ids"]
+    assert sub["found_by_execution_id"]
+    for key in ("root_preview", "subgraph_preview"):
+        p = rec[key]
+        assert p["hint_event_images"] >= 1, f"{renderer} {key}: no controlstack.hint_preview for it: {p}"
+        assert p["stored_images"] >= 1, f"{renderer} {key}: not in the frontend's output store: {p}"
+        assert p["shown"] >= 1, f"{renderer} {key}: no loaded preview image on the node: {p}"
+    assert rec["console_errors"] == [], rec["console_errors"]
+    assert rec["page_errors"] == [], rec["page_errors"]
+
+
+def test_nodes2_drag_and_edits(browser_run: dict[str, Any]) -> None:
+    """Nodes 2.0: a mouse drag on the chart's own canvas sets the layer and switches to custom; the preset rewrites
+    the widgets; a widget edit (Nodes 2.0 passes the value only) that leaves the preset switches to custom."""
+    rec = modes(browser_run, "vue")
+    d = rec["drag"]
+    assert str(d["hit"]["element"]).startswith("canvas"), f"the press did not land on the chart: {d}"
+    assert abs(d["value"] - d["target"]) <= 0.05, d
+    assert d["mode"] == "custom" and d["prompt_mode"] == "custom", d
+    assert abs(d["prompt_value"] - d["target"]) <= 0.05, d
+    e = rec["edit"]
+    n = len(e["preset"]["values"])
+    preset = [MODES_DECAY ** (n - 1 - i) for i in range(n)]
+    assert e["preset"]["mode"] == "prompt is more important"
+    after = e["after_edit"]
+    assert after["mode"] == "custom", e
+    i5 = rec["scale_schema"]["layers"].index("in_05")
+    assert after["values"][i5] == pytest.approx(0.3)
+    assert [v for i, v in enumerate(after["values"]) if i != i5] == pytest.approx(
+        [v for i, v in enumerate(preset) if i != i5], abs=6e-3
+    )
+    # the chart redrew on its own canvas after the edits
+    assert rec["chart_after_edit"]["draws"] > rec["root_chart"]["draws"]
+    assert rec["chart_after_edit"]["values"] == pytest.approx(after["values"], abs=6e-3)
