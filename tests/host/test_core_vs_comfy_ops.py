@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(host.REPO / "tests" / "unit"))
-from cn_helpers import TINY, random_controlnet, random_inputs, rel_err  # noqa: E402
+from cn_helpers import TINY, random_controlnet, random_inputs, randomize_, rel_err  # noqa: E402
 from controlstack.controlnet import build_controlnet  # noqa: E402
 from controlstack.controlnet.kinds import load_control  # noqa: E402
 from controlstack.controlnet.ops import compute_dtype_of  # noqa: E402
@@ -31,8 +31,6 @@ from comfy.cli_args import args  # noqa: E402
 
 args.cpu = True
 import comfy.ops  # noqa: E402
-
-from cn_helpers import randomize_  # noqa: E402
 
 HOST_LAYER = comfy.ops.CastWeightBiasOp
 
