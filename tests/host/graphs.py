@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import host
+import numpy as np
 import torch
+from numerics import rel_err as rel_err  # one home (scripts/numerics.py); re-exported for the tests
+from PIL import Image
 from safetensors.torch import load_file
 
-CHECKPOINT = "controlstack_random_sd15.safetensors"
+CHECKPOINT = host.CHECKPOINT
 _prefixes = itertools.count()
 
 
@@ -102,11 +107,60 @@ def set_sampler(g: dict, model: list | None = None, cond: tuple[list, list] | No
 
 def run_latent(server, g: dict, timeout: float = 600) -> torch.Tensor:
     """Run a graph and return the latent its SaveLatent node wrote."""
-    entry = server.run(g, timeout=timeout)
+    return entry_latent(server, server.run(g, timeout=timeout))
+
+
+def entry_latent(server, entry: dict[str, Any]) -> torch.Tensor:
+    """The latent that the SaveLatent node ("30") of a finished prompt wrote, from its /history entry."""
     files = entry["outputs"]["30"]["latents"]
     path = Path(server.base_dir) / "output" / files[0]["subfolder"] / files[0]["filename"]
     return load_file(str(path))["latent_tensor"]
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+def status_message(entry: dict[str, Any], event: str) -> dict[str, Any] | None:
+    """The data of the last `event` message (execution_start, execution_cached, execution_interrupted...) in a
+    /history entry, or None."""
+    found = None
+    for name, data in entry.get("status", {}).get("messages", []):
+        if name == event:
+            found = data
+    return found
+
+
+SD15_CONTROLNETS = host.CONTROLNETS
+"""The random SD1.5 ControlNets that the session's models fixture builds (host.build_models)."""
+
+
+def write_hint_images(server, names: Sequence[str], seed: int, size: int = 64) -> None:
+    """Seeded random RGB hints of size x size in BASE/input, one per name (LoadImage reads them)."""
+    rng = np.random.default_rng(seed)
+    for name in names:
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(Path(server.base_dir) / "input" / name)
+
+
+def stacked_graph(
+    hints: Sequence[str],
+    strengths: Sequence[float],
+    *,
+    size: int = 64,
+    steps: int = 1,
+    seed: int = 7,
+    cfg: float = 6.0,
+) -> dict[str, Any]:
+    """base_graph with one ControlStack ApplyHint per hint, all stacked on one MODEL: hint i goes through
+    SD15_CONTROLNETS[i] with strengths[i] (nodes "7", "8", "9"; extra hints are LoadImage "16", "17")."""
+    if not 1 <= len(hints) <= len(SD15_CONTROLNETS) or len(strengths) != len(hints):
+        raise ValueError(
+            f"want 1..{len(SD15_CONTROLNETS)} hints with one strength each, got {hints}, {strengths}"
+        )
+    g = base_graph(hints[0], size=size, steps=steps, seed=seed)
+    g["10"]["inputs"]["cfg"] = cfg
+    model = ["1", 0]
+    for i, (hint, strength) in enumerate(zip(hints, strengths, strict=True)):
+        image = ["6", 0]
+        if i:
+            g[str(15 + i)] = {"class_type": "LoadImage", "inputs": {"image": hint}}
+            image = [str(15 + i), 0]
+        model = add_controlstack(g, str(7 + i), SD15_CONTROLNETS[i], image, model, strength=strength)
+    return set_sampler(g, model=model)
