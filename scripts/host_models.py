@@ -18,12 +18,15 @@ RANDOM_MODELS_VERSION = (
     "2"  # in every random file's header; a change rebuilds them (2: per-seed tensors differ)
 )
 CHECKPOINT = "controlstack_random_sd15.safetensors"
+TINY_CHECKPOINT = "controlstack_random_sd15_tiny.safetensors"
+"""An SD1.x checkpoint ComfyUI detects as SD15 with a one-level UNet (model_channels 320, one ResBlock + transformer,
+a middle ResBlock), a TAESD-layout VAE and the full-size CLIP-L: the training tests' base model (scripts/make_random_models.py)."""
 CONTROLNETS = (
     "controlstack_random_sd15_canny.safetensors",
     "controlstack_random_sd15_depth.safetensors",
     "controlstack_random_sd15_scribble.safetensors",
 )
-MODEL_SEEDS = (0, 1, 2, 3)  # checkpoint, canny, depth, scribble
+MODEL_SEEDS = (0, 1, 2, 3, 4)  # checkpoint, canny, depth, scribble, tiny checkpoint
 
 SDXL_BASE_DIR = REPO / ".host" / "base_sdxl"
 SDXL_SERVER_ARGS = ("--fp16-unet",)
@@ -53,13 +56,14 @@ def build_models(
     T2I-Adapters of `build_control_files`) into ``base_dir/models``. Idempotent (files carry their seed and
     format version in the safetensors header). A freshly built checkpoint is loaded once with ComfyUI's own
     loader and must be detected as SD1.5. Returns {"checkpoint": path, "canny": path, "depth": path,
-    "scribble": path}."""
+    "scribble": path, "tiny_checkpoint": path}."""
     base_dir = prepare_base(base_dir)
     comfy_dir = resolve_comfy_dir(comfy_dir)
     models = base_dir / "models"
     paths = {"checkpoint": models / "checkpoints" / CHECKPOINT}
     for name in CONTROLNETS:
         paths[name.rsplit("_", 1)[1].split(".")[0]] = models / "controlnet" / name
+    paths["tiny_checkpoint"] = models / "checkpoints" / TINY_CHECKPOINT
     build_control_files(base_dir, "sd15", comfy_dir=comfy_dir, python=python)
     if all(_random_model_ok(path, seed) for path, seed in zip(paths.values(), MODEL_SEEDS, strict=True)):
         return paths

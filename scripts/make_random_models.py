@@ -28,13 +28,15 @@ from host_models import CHECKPOINT as CHECKPOINT_NAME
 from host_models import CONTROLNETS as _CONTROLNET_NAMES
 from host_models import MODEL_SEEDS
 from host_models import RANDOM_MODELS_VERSION as FORMAT_VERSION
+from host_models import TINY_CHECKPOINT as TINY_CHECKPOINT_NAME
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 CONTROLNET_KEYS_TSV = REPO / "tests" / "fixtures" / "controlnet_sd15_ldm_keys.tsv"
-CONTROLNETS = dict(zip(_CONTROLNET_NAMES, MODEL_SEEDS[1:], strict=True))
+CONTROLNETS = dict(zip(_CONTROLNET_NAMES, MODEL_SEEDS[1:4], strict=True))
 CHECKPOINT_SEED = MODEL_SEEDS[0]
+TINY_CHECKPOINT_SEED = MODEL_SEEDS[4]
 
 # The SD1.5 UNet config ComfyUI's model detection produces for a real SD1.5 checkpoint (comfy/model_detection.py).
 SD15_UNET_CONFIG = {
@@ -56,6 +58,17 @@ SD15_UNET_CONFIG = {
     "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
+}
+# The smallest UNet ComfyUI still detects as SD1.5 (it matches on model_channels 320, context_dim 768, conv
+# projections, no adm; levels, blocks and depths are read from the tensors): one level with one ResBlock +
+# transformer, a middle block of one ResBlock, two output blocks (the first with a transformer).
+TINY_SD15_UNET_CONFIG = {
+    **SD15_UNET_CONFIG,
+    "num_res_blocks": [1],
+    "channel_mult": [1],
+    "transformer_depth": [1],
+    "transformer_depth_middle": -1,
+    "transformer_depth_output": [1, 0],
 }
 SD_VAE_DDCONFIG = {
     "double_z": True,
@@ -102,6 +115,30 @@ def checkpoint_shapes(comfy_dir: Path) -> dict[str, tuple[int, ...]]:
         for k, v in clip.state_dict().items():
             if k.startswith("text_model."):  # text_projection / logit_scale are not in SD1.5 files
                 shapes["cond_stage_model.transformer." + k] = tuple(v.shape)
+    return shapes
+
+
+def tiny_checkpoint_shapes(comfy_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the tiny SD1.x checkpoint: TINY_SD15_UNET_CONFIG's UNet, a TAESD-layout VAE under
+    ``first_stage_model.`` (ComfyUI's VAE class picks TAESD from ``taesd_decoder.1.weight``) and SD1.5's CLIP-L."""
+    _import_comfy(comfy_dir)
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfy.taesd.taesd import TAESD
+
+    meta = torch.device("meta")
+    shapes = {k: v for k, v in checkpoint_shapes(comfy_dir).items() if k.startswith("cond_stage_model.")}
+    with torch.device(meta):
+        unet = UNetModel(
+            **TINY_SD15_UNET_CONFIG,
+            dtype=torch.float16,
+            device=meta,
+            operations=comfy.ops.disable_weight_init,
+        )
+        shapes.update({"model.diffusion_model." + k: tuple(v.shape) for k, v in unet.state_dict().items()})
+        for k, v in TAESD().state_dict().items():
+            if k.startswith("taesd_"):  # vae_scale / vae_shift: ComfyUI's defaults (1, 0)
+                shapes["first_stage_model." + k] = tuple(v.shape)
     return shapes
 
 
@@ -197,16 +234,19 @@ def write_random(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, kind
     return True
 
 
-def check_checkpoint(comfy_dir: Path, path: Path) -> str:
+def check_checkpoint(comfy_dir: Path, path: Path, unet_config: dict = SD15_UNET_CONFIG) -> str:
     """Load ``path`` the way CheckpointLoaderSimple does; return the detected model config's class name."""
     _import_comfy(comfy_dir)
     import comfy.sd
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
     name = type(model.model.model_config).__name__
-    if name != "SD15" or clip is None or vae is None:
+    detected = model.model.model_config.unet_config
+    wrong = {k: detected.get(k) for k, v in unet_config.items() if k in detected and detected[k] != v}
+    if name != "SD15" or clip is None or vae is None or wrong:
         raise SystemExit(
-            f"{path}: ComfyUI detected {name!r} (clip={clip is not None}, vae={vae is not None})"
+            f"{path}: ComfyUI detected {name!r} (clip={clip is not None}, vae={vae is not None}, "
+            f"config differences {wrong})"
         )
     return name
 
@@ -245,7 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         path = a.models_dir / "controlnet" / name
         wrote = write_random(path, cn_shapes, seed, "sd15-controlnet")
         result["built" if wrote else "kept"].append(str(path))  # type: ignore[union-attr]
+    tiny = a.models_dir / "checkpoints" / TINY_CHECKPOINT_NAME
+    wrote_tiny = not already_built(tiny, TINY_CHECKPOINT_SEED) and write_random(
+        tiny, tiny_checkpoint_shapes(a.comfy_dir), TINY_CHECKPOINT_SEED, "sd15-tiny-checkpoint"
+    )
+    result["built" if wrote_tiny else "kept"].append(str(tiny))  # type: ignore[union-attr]
     result["build_s"] = round(time.perf_counter() - t0, 1)
+    if a.check and wrote_tiny:
+        check_checkpoint(a.comfy_dir, tiny, TINY_SD15_UNET_CONFIG)
     if a.check and wrote_ckpt:
         t1 = time.perf_counter()
         result["detected"] = check_checkpoint(a.comfy_dir, ckpt)
