@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .checks import check_int
@@ -290,6 +291,9 @@ class ControlNet(nn.Module):
     compute_dtype: torch.dtype | None = None
     """Set by a host whose operations cast per layer: inputs are cast to it, weights stay in their storage dtype."""
 
+    gradient_checkpointing: bool = False
+    """Training only: recompute each encoder block in the backward pass instead of keeping its activations."""
+
     def __init__(
         self, config: ControlNetConfig, name: str = "ControlNet", operations: Operations = TorchOperations
     ) -> None:
@@ -486,7 +490,7 @@ class ControlNet(nn.Module):
         encoded = [e.to(dtype) for e in encoded]
         residuals = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
-            x = block(x, emb, context)
+            x = self._run(block, x, emb, context)
             if i == 0:
                 if types:
                     x = x + self._fuse(encoded, types, scales, x, latent_token, over_batch=latent_token)
@@ -495,9 +499,16 @@ class ControlNet(nn.Module):
             residuals.append(zero_conv(x, emb, context).to(out_dtype))
 
         # 4. Middle block and its zero conv.
-        x = self.middle_block(x, emb, context)
+        x = self._run(self.middle_block, x, emb, context)
         residuals.append(self.middle_block_out(x, emb, context).to(out_dtype))
         return residuals
+
+    def _run(
+        self, block: nn.Module, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled() and self.training:
+            return torch.utils.checkpoint.checkpoint(block, x, emb, context, use_reentrant=False)
+        return block(x, emb, context)
 
     def _check_types(self, control_types: Sequence[int] | None) -> list[int]:
         types = [] if control_types is None else list(control_types)

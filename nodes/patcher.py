@@ -451,3 +451,127 @@ def sample_with_report(model, **ksampler_args) -> tuple[dict, list[torch.Tensor]
     reporting.model_options.setdefault("transformer_options", {})[OBSERVER_OPTION] = recorder
     latent = ksample(reporting, **ksampler_args)
     return latent, recorder.table([e.controlnet.num_residuals for e in entries])
+
+
+# Training (controlstack.training) --------------------------------------------------------------------------------
+
+
+class TrainingHost:
+    """What the trainer needs from ComfyUI for one checkpoint: its frozen UNet, text encoder, VAE and noise schedule.
+
+    The trainer (``controlstack.training``, host-free) drives the same injection path as inference: the ControlNet's
+    residuals reach the UNet as its ``control`` argument through ``merge_control`` and ``BaseModel.apply_model``,
+    exactly what the APPLY_MODEL wrapper hands it when ApplyHint's stack runs. Load it outside
+    ``torch.inference_mode`` (ComfyUI's server runs nodes in it; inference tensors cannot be saved for backward).
+    """
+
+    def __init__(self, checkpoint: str, device: torch.device | None = None) -> None:
+        import comfy.sd
+
+        out = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=True, output_clip=True)
+        self.patcher, self.clip, self.vae = out[0], out[1], out[2]
+        if self.patcher is None or self.clip is None or self.vae is None:
+            raise ControlNetError(
+                f"{checkpoint}: not a full checkpoint (it needs a UNet, a text encoder and a VAE)"
+            )
+        family, name = model_family(self.patcher)
+        if family is None:
+            raise ControlNetError(
+                f"{checkpoint}: ComfyUI detected {name}; ControlNets can be trained for SD1.x, SD2.x and SDXL UNets"
+            )
+        self.family = family
+        self.device = device or comfy.model_management.get_torch_device()
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        self.base = self.patcher.model  # BaseModel: apply_model, model_sampling, latent_format
+        self.base.requires_grad_(False)
+        self.sampling = self.base.model_sampling
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        """The UNet itself (ldm ``UNetModel``), whose parameters the trainer may unlock."""
+        return self.base.diffusion_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.manual_cast_dtype or self.base.get_dtype()
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The model's noise level per training timestep 0..999 (float32, CPU)."""
+        return self.sampling.sigmas.detach().float().cpu()
+
+    def controlnet_config(self):
+        """The ControlNet architecture that mirrors this UNet's encoder (the paper's "trainable copy")."""
+        from ..controlnet.config import ControlNetConfig
+
+        u = self.base.model_config.unet_config
+        heads = u.get("num_head_channels", -1)
+        return ControlNetConfig(
+            family=self.family,
+            in_channels=4,
+            model_channels=u["model_channels"],
+            context_dim=u["context_dim"],
+            channel_mult=tuple(u["channel_mult"]),
+            num_res_blocks=tuple(u["num_res_blocks"]),
+            transformer_depth=tuple(u["transformer_depth"]),
+            transformer_depth_middle=u.get("transformer_depth_middle", 1),
+            num_heads=-1 if heads != -1 else u.get("num_heads", 8),
+            num_head_channels=heads,
+            use_linear=bool(u.get("use_linear_in_transformer", False)),
+            adm_in_channels=u.get("adm_in_channels"),
+        )
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The UNet's tensors that a ControlNet copies (time / label embedding, input blocks, middle block)."""
+        prefixes = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")
+        return {k: v for k, v in self.unet.state_dict().items() if k.startswith(prefixes)}
+
+    def encode_prompts(
+        self, prompts: list[str], width: int, height: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cross-attention context B x tokens x C, SDXL's adm vector or None) for each prompt, on the device."""
+        conds, pooled = [], []
+        with torch.no_grad():
+            for text in prompts:
+                cond, pool = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+                conds.append(cond)
+                pooled.append(pool)
+        context = torch.cat(conds).to(self.device, torch.float32)
+        if self.family != "sdxl":
+            return context, None
+        y = self.base.encode_adm(pooled_output=torch.cat(pooled), width=width, height=height)
+        return context, y.to(self.device, torch.float32)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images B x 3 x H x W in [-1, 1] -> the latents the UNet denoises (VAE encode, then the latent format)."""
+        with torch.no_grad():
+            raw = self.vae.encode((images.movedim(1, -1) + 1) / 2)
+            return self.base.process_latent_in(raw).to(self.device, torch.float32)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents -> images B x 3 x H x W in [0, 1] (CPU)."""
+        with torch.no_grad():
+            return self.vae.decode(self.base.process_latent_out(latents)).movedim(-1, 1).float().cpu()
+
+    def controlnet_inputs(self, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaled latent, UNet timesteps) for a ControlNet, as the APPLY_MODEL wrapper computes them."""
+        return self.sampling.calculate_input(sigma, x), self.sampling.timestep(sigma).float()
+
+    def denoise(
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        context: torch.Tensor,
+        residuals: list[torch.Tensor | None] | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The UNet's denoised prediction of ``x`` at noise level ``sigma`` with ControlNet ``residuals`` (shallow
+        -> deep, middle last; None entries add nothing) added to its skips and middle block, as in inference."""
+        control = None
+        if residuals is not None:
+            out = [None if r is None else r.to(self.dtype) for r in residuals]
+            control = merge_control(
+                None, StepControl(output=out[:-1], input=[None] * (len(out) - 1), middle=out[-1])
+            )
+        kwargs = {} if y is None else {"y": y}
+        return self.base.apply_model(x, sigma, c_crossattn=context, control=control, **kwargs)

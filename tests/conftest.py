@@ -1,6 +1,6 @@
 """Shared pytest set-up: scripts/ on sys.path (for ``import host``) and one marker per test level.
 
-Tests are marked by folder: tests/unit -> ``unit``, tests/host -> ``host``, tests/browser -> ``browser``,
+Tests are marked by folder: tests/unit -> ``unit``, tests/train -> ``train``, tests/host -> ``host``, tests/browser -> ``browser``,
 so ``pytest -m host`` runs one level alone.
 """
 
@@ -17,7 +17,7 @@ SCRIPTS = REPO / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-LEVELS = ("unit", "host", "browser")
+LEVELS = ("unit", "train", "host", "browser")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
