@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--validation-cfg", type=float, default=d.validation_cfg)
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument(
+        "--cache-latents", action="store_true", help="encode each image once (memory: 16 KB/row/256px)"
+    )
+    t.add_argument(
         "--save-dtype", default=d.save_dtype, choices=("fp16", "bf16", "fp32"), help="final file dtype"
     )
     t.add_argument("--init", help="start from this ControlNet file instead of the base UNet's encoder")
@@ -143,6 +146,7 @@ def _train(args: argparse.Namespace) -> int:
         validation_cfg=args.validation_cfg,
         seed=args.seed,
         save_dtype=args.save_dtype,
+        cache_latents=args.cache_latents,
         init=args.init,
         train_unet=args.train_unet,
     )

@@ -106,6 +106,9 @@ class TrainConfig:
     """An existing ControlNet file to start from instead of the base UNet's encoder."""
     train_unet: bool = False
     """Train the whole UNet and no ControlNet (how the demo's base model is made); saved as unet.safetensors."""
+    cache_latents: bool = False
+    """Keep each row's VAE latent in memory after its first use (exact: the VAE is frozen and rows are not
+    augmented). Saves the VAE encode on every later epoch, at 16 KB per row per 256 px of resolution."""
     save_dtype: str = "fp16"
     """dtype of the final file ("fp16", "bf16" or "fp32"); checkpoints are always fp32 (a resume is exact)."""
     prompt_cache: int = 4096
@@ -332,6 +335,7 @@ class Trainer:
                 self.model, device_ids=ids, find_unused_parameters=config.only_mid_control
             )
         self.losses: list[tuple[int, float]] = []
+        self._latents: dict[int, torch.Tensor] = {}
 
     # one global step ---------------------------------------------------------------------------------------------
     def _local_samples(self, micro: int) -> range:
@@ -342,18 +346,18 @@ class Trainer:
 
     def _batch(self, samples: range) -> dict[str, torch.Tensor]:
         c, n = self.config, len(self.rows)
-        hints, targets, prompts, ts, noises = [], [], [], [], []
+        hints, latents, prompts, ts, noises = [], [], [], [], []
+        device = self.host.device
         for g in samples:
-            row = self.rows[int(epoch_order(c.seed, g // n, n)[g % n])]
-            hint, target, prompt = load_example(row, c.resolution)
+            index = int(epoch_order(c.seed, g // n, n)[g % n])
+            hint, target, prompt = load_example(self.rows[index], c.resolution)
             t, noise, coin = sample_draws(c.seed, g, len(self.sigmas), self._latent_shape)
             hints.append(hint)
-            targets.append(target)
+            latents.append(self._latent(index, target))
             prompts.append("" if coin < c.drop_prompt else prompt)
             ts.append(t)
             noises.append(noise)
-        device = self.host.device
-        x0 = self.host.encode_images(torch.stack(targets).to(device))
+        x0 = torch.cat(latents)
         context, y = self.prompts(prompts)
         sigma = self.sigmas[torch.tensor(ts)].to(device)
         noise = torch.stack(noises).to(device)
@@ -365,6 +369,16 @@ class Trainer:
             "y": y,
             "noise": noise,
         }
+
+    def _latent(self, index: int, target: torch.Tensor) -> torch.Tensor:
+        # One row per encode, cached or not: a latent never depends on which rows share its batch, so a resumed
+        # run (whose cache starts empty) sees the same bits.
+        latent = self._latents.get(index)
+        if latent is None:
+            latent = self.host.encode_images(target[None].to(self.host.device))
+            if self.config.cache_latents:
+                self._latents[index] = latent
+        return latent
 
     @property
     def _latent_shape(self) -> tuple[int, int, int]:
