@@ -137,7 +137,7 @@ def circle_iou(images: torch.Tensor, circles: list) -> tuple[float, float]:
     ious, errs = [], []
     size = images.shape[-1]
     for img, c in zip(images, circles, strict=True):
-        px = img.permute(1, 2, 0).numpy() * 255
+        px = img.detach().float().permute(1, 2, 0).numpy() * 255
         fill, bg = np.array(COLOURS[c.fill], float), np.array(COLOURS[c.background], float)
         made = np.linalg.norm(px - bg, axis=-1) > np.linalg.norm(px - fill, axis=-1)
         yy, xx = np.mgrid[0:size, 0:size] + 0.5

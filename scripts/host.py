@@ -49,6 +49,8 @@ from host_install import (
 )
 from host_models import (
     CHECKPOINT,
+    CIRCLES_CHECKPOINT,
+    CIRCLES_CONTROLNET,
     CONTROL_FILES,
     CONTROLNETS,
     MODEL_SEEDS,
@@ -63,6 +65,8 @@ from host_server import ComfyServer, free_port
 
 __all__ = [
     "CHECKPOINT",
+    "CIRCLES_CHECKPOINT",
+    "CIRCLES_CONTROLNET",
     "COMFY_VERSION",
     "CONTROLNETS",
     "CONTROL_FILES",
@@ -135,7 +139,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"images:   {len(written)} written")
     for p in written:
         print(f"  {_rel(p)}")
-    if random_models:
+    uses = {n.get("inputs", {}).get("ckpt_name") for n in prompt.values() if isinstance(n, dict)}
+    if random_models and CIRCLES_CHECKPOINT in uses:
+        print(
+            "model:    the circles demo model (trained by scripts/circles_model.py; tests/host/test_circles.py "
+            "measures that the circle follows the hint)"
+        )
+    elif random_models:
         print(
             "WARNING: these models are random test weights (scripts/make_random_models.py), so the images are "
             "noise. Point --base-dir (CONTROLSTACK_BASE_DIR) at a ComfyUI folder with real models for real images."

@@ -27,6 +27,9 @@ CONTROLNETS = (
     "controlstack_random_sd15_scribble.safetensors",
 )
 MODEL_SEEDS = (0, 1, 2, 3, 4)  # checkpoint, canny, depth, scribble, tiny checkpoint
+CIRCLES_CHECKPOINT = "controlstack_circles_sd15.safetensors"
+CIRCLES_CONTROLNET = "controlstack_circles_controlnet.safetensors"
+"""The trained circles demo model (models/circles/, scripts/circles_model.py): not random, rebuilt at set-up."""
 
 SDXL_BASE_DIR = REPO / ".host" / "base_sdxl"
 SDXL_SERVER_ARGS = ("--fp16-unet",)
@@ -56,7 +59,7 @@ def build_models(
     T2I-Adapters of `build_control_files`) into ``base_dir/models``. Idempotent (files carry their seed and
     format version in the safetensors header). A freshly built checkpoint is loaded once with ComfyUI's own
     loader and must be detected as SD1.5. Returns {"checkpoint": path, "canny": path, "depth": path,
-    "scribble": path, "tiny_checkpoint": path}."""
+    "scribble": path, "tiny_checkpoint": path, "circles_checkpoint": path, "circles_controlnet": path}."""
     base_dir = prepare_base(base_dir)
     comfy_dir = resolve_comfy_dir(comfy_dir)
     models = base_dir / "models"
@@ -65,8 +68,9 @@ def build_models(
         paths[name.rsplit("_", 1)[1].split(".")[0]] = models / "controlnet" / name
     paths["tiny_checkpoint"] = models / "checkpoints" / TINY_CHECKPOINT
     build_control_files(base_dir, "sd15", comfy_dir=comfy_dir, python=python)
+    circles = install_circles(models, comfy_dir=comfy_dir, python=python)
     if all(_random_model_ok(path, seed) for path, seed in zip(paths.values(), MODEL_SEEDS, strict=True)):
-        return paths
+        return {**paths, **circles}
     proc = _make_random_models(comfy_dir, models, python, "--check")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if result["built"]:
@@ -74,6 +78,26 @@ def build_models(
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise HostError(f"model build left no file at {missing}")
+    return {**paths, **circles}
+
+
+def install_circles(models_dir: Path, *, comfy_dir: Path, python: str | None = None) -> dict[str, Path]:
+    """Rebuild the circles demo checkpoint and ControlNet from models/circles/ (seconds; checked by hash)."""
+    paths = {
+        "circles_checkpoint": models_dir / "checkpoints" / CIRCLES_CHECKPOINT,
+        "circles_controlnet": models_dir / "controlnet" / CIRCLES_CONTROLNET,
+    }
+    stamp = models_dir / ".controlstack_circles.json"
+    manifest = REPO / "models" / "circles" / "manifest.json"
+    if (
+        all(p.is_file() for p in paths.values())
+        and stamp.is_file()
+        and stamp.read_text() == manifest.read_text()
+    ):
+        return paths  # the same check circles_model.install makes, without starting a python
+    script = REPO / "scripts" / "circles_model.py"
+    cmd = [resolve_python(python), str(script), "install", "--comfy-dir", str(comfy_dir), "--models-dir"]
+    run_checked([*cmd, str(models_dir)], "install the circles demo model", cwd=str(comfy_dir))
     return paths
 
 
