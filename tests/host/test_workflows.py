@@ -25,6 +25,7 @@ SDXL_MARKER = "controlstack_random_sdxl"
 
 BUILT_MODELS = {
     "sd15": {host.CHECKPOINT, *host.CONTROLNETS, *host.CONTROL_FILES["sd15"]},
+    "circles": {host.CIRCLES_CHECKPOINT, host.CIRCLES_CONTROLNET},
     "sdxl": {
         make_random_models.SDXL_CHECKPOINT_NAME,
         make_random_models.SDXL_CONTROLNET_NAME,
@@ -111,7 +112,7 @@ def summarize(graph: dict) -> Summary:
         n["class_type"] == "SaveImage" and n["inputs"]["images"] == [sampler_id, 1] for n in graph.values()
     )
     return Summary(
-        family="sdxl" if SDXL_MARKER in ckpt else "sd15",
+        family="sdxl" if SDXL_MARKER in ckpt else "circles" if ckpt == host.CIRCLES_CHECKPOINT else "sd15",
         sampler=sampler["class_type"],
         entries=tuple(reversed(entries)),
         models=frozenset(models),
@@ -123,6 +124,12 @@ def summarize(graph: dict) -> Summary:
 FULL = (0.0, 1.0)
 SCENARIOS: dict[str, Callable[[Summary], bool]] = {
     # what each shipped workflow is for; the run test below proves each runs, this that each still shows its point
+    # the demo: the trained circles model (tests/host/test_circles.py measures that it obeys the hint)
+    "controlstack_circles": lambda s: (
+        s.family == "circles"
+        and [e.kind for e in s.entries] == ["controlnet"]
+        and s.entries[0].window == FULL
+    ),
     "controlstack_sd15_single": lambda s: (
         [e.kind for e in s.entries] == ["controlnet"] and s.entries[0].window == FULL
     ),
@@ -217,7 +224,7 @@ VIRIDIS = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMA
     int
 )
 """The report's colour scale, RGB: entry k is the colour of a cell at k / 255 of the report's peak."""
-LAYERS = {"sd15": 13, "sdxl": 10}
+LAYERS = {"sd15": 13, "sdxl": 10, "circles": 3}  # the circles model's UNet: in_00, in_01, middle
 T2I_SD15_LAYERS = [2, 5, 8, 11]
 
 
