@@ -16,6 +16,7 @@ This module imports no host code: the host glue (``TrainingHost``) lives in the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -145,9 +146,12 @@ class TrainConfig:
 # Randomness ------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4)  # every sample of a step asks for its epoch's order: make it once per epoch
 def epoch_order(seed: int, epoch: int, count: int) -> np.ndarray:
-    """The data order of one pass over ``count`` rows."""
-    return np.random.default_rng([seed, 0x0DA7A, epoch]).permutation(count)
+    """The data order of one pass over ``count`` rows (read-only: shared by the cache)."""
+    order = np.random.default_rng([seed, 0x0DA7A, epoch]).permutation(count)
+    order.flags.writeable = False
+    return order
 
 
 def sample_draws(
@@ -571,7 +575,3 @@ class Trainer:
         if self.world.main:
             log.info("trained %d steps in %.1f s", len(steps), time.perf_counter() - started)
         return paths
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(TrainConfig)]
