@@ -35,15 +35,18 @@ import torch.nn.functional as F
 from .checks import check_window, finite_float
 from .errors import ControlNetError
 from .graphs import StepGraphs, graph_key
+from .schedule import FrameStrengths, Schedule, ScheduleCursor, frame_rows
 
 log = logging.getLogger(__name__)
 
 MODES = ("balanced", "prompt", "control")
-"""balanced: every row, every layer at strength. prompt: "my prompt is more important", layer i scaled by
-0.825 ** (n - 1 - i) (deep layers keep most). control: "ControlNet is more important", cond rows only, uncond rows
-get no residual, so classifier-free guidance amplifies the control."""
+"""balanced: every row, every layer at strength. prompt: "my prompt is more important" / soft weights, layer i
+scaled by base ** (n - 1 - i) (deep layers keep most; flipped: shallow layers keep most). control: "ControlNet is
+more important", cond rows only, uncond rows get no residual, so classifier-free guidance amplifies the control."""
 
 PROMPT_DECAY = 0.825
+"""The base of "my prompt is more important" (guess mode) and the default of soft weights (A1111's soft injection,
+Advanced-ControlNet's Scaled Soft Weights): layer i of 13 gets 0.825 ** (12 - i)."""
 
 # cond_or_uncond values in ComfyUI's batching: 0 marks a cond chunk, 1 an uncond chunk.
 COND, UNCOND = 0, 1
@@ -52,17 +55,21 @@ HintFitter = Callable[["StackEntry", str, int, int], torch.Tensor]
 """(entry, "hint" | "mask", height_px, width_px) -> the entry's hint (B x 3 x H x W in [0, 1]) or mask (B x H x W)
 fitted to the generation size with the entry's resize mode, so hint and mask stay aligned."""
 
-StepObserver = Callable[[int, "float | None", Sequence[torch.Tensor]], None]
-"""(entry index, sigma, its applied residuals) -> None; called for every active entry at every UNet call (the
-control report). Setting an observer turns CUDA-graph replay off for the run."""
+StepObserver = Callable[[int, "float | None", Sequence[torch.Tensor], float], None]
+"""(entry index, sigma, its applied residuals, its applied strength: strength x schedule) -> None; called for every
+active entry at every UNet call (the control report). Setting an observer turns CUDA-graph replay off for the run."""
 
 
-def mode_scales(mode: str, num_residuals: int) -> tuple[float, ...]:
-    """Per-residual multipliers that a mode implies (before strength and custom scales)."""
+def mode_scales(
+    mode: str, num_residuals: int, base: float = PROMPT_DECAY, flip: bool = False
+) -> tuple[float, ...]:
+    """Per-residual multipliers that a mode implies (before strength and custom scales). In "prompt" mode (soft
+    weights) layer i gets base ** (n - 1 - i), or, flipped, base ** i (the shallow layers keep most)."""
     if mode not in MODES:
         raise ControlNetError(f"control mode: expected one of {MODES}, got {mode!r}")
     if mode == "prompt":
-        return tuple(PROMPT_DECAY ** float(num_residuals - 1 - i) for i in range(num_residuals))
+        scales = tuple(base ** float(num_residuals - 1 - i) for i in range(num_residuals))
+        return tuple(reversed(scales)) if flip else scales
     return (1.0,) * num_residuals
 
 
@@ -99,6 +106,17 @@ class StackEntry:
     latent_token: bool = True
     """Union models only: True follows the model's reference maths (xinsir / diffusers feed the noisy latent to the
     fusion transformer as a token); False reproduces ComfyUI's built-in Union maths (no such token)."""
+    schedule: Schedule | None = None
+    """A strength curve over sampling progress, multiplied into every residual at each step (controlnet/schedule.py).
+    Steps where it is 0 do not run the entry."""
+    frame_strengths: FrameStrengths | None = None
+    """Per-latent strengths (video frames): each batch row of the UNet call is multiplied by its frame's strength."""
+    uncond_multiplier: float = 1.0
+    """Multiplies the uncond rows (soft weights' uncond multiplier); "control" mode makes it 0."""
+    soft_base: float = PROMPT_DECAY
+    """"prompt" mode's base: layer i x soft_base ** (n - 1 - i)."""
+    soft_flip: bool = False
+    """"prompt" mode reversed: the shallow layers keep most."""
 
     def __post_init__(self) -> None:
         n = self.controlnet.num_residuals
@@ -117,6 +135,8 @@ class StackEntry:
             )
         check_window(self.start_percent, self.end_percent, self.name)
         finite_float(f"{self.name}: strength", self.strength)
+        finite_float(f"{self.name}: uncond_multiplier", self.uncond_multiplier, 0.0, 1.0)
+        finite_float(f"{self.name}: base_multiplier", self.soft_base, 0.0, 1.0)
         for i, s in enumerate(self.scales or ()):
             finite_float(f"{self.name}: scales[{i}]", s)
         if self.union_type is not None and kind_of(self.controlnet) != "union":
@@ -147,7 +167,8 @@ class StackEntry:
         """mode x custom, one multiplier per residual slot (strength not included)."""
         n = self.controlnet.num_residuals
         custom = self.scales or (1.0,) * n
-        return tuple(m * c for m, c in zip(mode_scales(self.mode, n), custom, strict=True))
+        mode = mode_scales(self.mode, n, self.soft_base, self.soft_flip)
+        return tuple(m * c for m, c in zip(mode, custom, strict=True))
 
     @cached_property
     def layer_scales(self) -> tuple[float, ...]:
@@ -161,10 +182,22 @@ class StackEntry:
             and other.controlnet is self.controlnet
             and self.union_type is not None
             and other.union_type is not None
-            and (self.start_percent, self.end_percent, self.mode, self.scales, self.latent_token)
-            == (other.start_percent, other.end_percent, other.mode, other.scales, other.latent_token)
+            and self._fusion_key() == other._fusion_key()
             and _same_mask(self.mask, other.mask)
             and self.resize_mode == other.resize_mode
+        )
+
+    def _fusion_key(self) -> tuple:
+        """What hints of one Union forward must share: window, scales, schedules, row multipliers."""
+        return (
+            self.start_percent,
+            self.end_percent,
+            self.unit_scales,
+            self.mode,
+            self.latent_token,
+            self.schedule,
+            self.frame_strengths,
+            self.uncond_multiplier,
         )
 
 
@@ -221,6 +254,49 @@ def broadcast_rows(t: torch.Tensor, batch: int, chunks: int, what: str) -> torch
     raise ControlNetError(
         f"{what}: batch of {t.shape[0]} does not fit {per_chunk} latent(s): give 1 (shared) or {per_chunk} (one per latent)"
     )
+
+
+@dataclass(frozen=True)
+class Window:
+    """The latents of the whole batch that one UNet call holds, when a video is sampled in context windows
+    (AnimateDiff-Evolved's `ad_params["sub_idxs"]`, ComfyUI's `context_window.index_list`): each cond / uncond
+    chunk of the call holds `frames`, in that order. `total` is the whole batch's length when the caller says it
+    (AnimateDiff-Evolved's `full_length`), else None: per-latent tensors must then cover every index."""
+
+    frames: tuple[int, ...]
+    total: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.frames or min(self.frames) < 0:
+            raise ControlNetError(f"context window: expected frame indices >= 0, got {list(self.frames)}")
+        if self.total is not None and max(self.frames) >= self.total:
+            raise ControlNetError(
+                f"context window: frame {max(self.frames)} is outside the {self.total}-frame batch"
+            )
+
+
+def window_rows(t: torch.Tensor, batch: int, chunks: int, window: Window | None, what: str) -> torch.Tensor:
+    """`broadcast_rows` for one UNet call of a context window: a per-latent tensor (one row per frame of the whole
+    batch) gives the rows of the window's frames, repeated per chunk; a tensor of batch 1 goes to every row."""
+    if window is None:
+        return broadcast_rows(t, batch, chunks, what)
+    per_chunk = batch // chunks
+    if len(window.frames) != per_chunk:
+        raise ControlNetError(
+            f"context window: {len(window.frames)} frame indices for a call of {per_chunk} latent(s) per chunk"
+        )
+    n = t.shape[0]
+    if n == 1:
+        return t.expand(batch, *t.shape[1:])
+    fits = n == window.total if window.total is not None else n > max(window.frames)
+    if not fits:
+        total = f"the {window.total}-frame batch" if window.total is not None else "every frame of the batch"
+        raise ControlNetError(
+            f"{what}: batch of {n} does not fit the context window (frames {window.frames[0]}..{window.frames[-1]} "
+            f"of {total}): give 1 (shared) or one per frame of the whole batch"
+        )
+    rows = t[list(window.frames)]
+    return rows.repeat(chunks, *([1] * (t.ndim - 1)))
 
 
 def _needs_run(name: str) -> Callable[..., None]:
@@ -280,7 +356,10 @@ class ResidualStack:
             graphs = None
         elif graphs is None:
             graphs = StepGraphs()
-        return StackRun(self, windows, hint_fitter, graphs, observer)
+        cursors = [
+            None if e.schedule is None else ScheduleCursor(e.schedule, percent_to_sigma) for e in self.entries
+        ]
+        return StackRun(self, windows, hint_fitter, graphs, observer, cursors)
 
     # A step needs a run: these fail loudly instead of quietly starting one with a made-up schedule.
     control = _needs_run("control")
@@ -304,6 +383,7 @@ class StackRun:
         hint_fitter: HintFitter | None,
         graphs: StepGraphs | None,
         observer: StepObserver | None,
+        cursors: Sequence[ScheduleCursor | None] | None = None,
     ) -> None:
         self.stack = stack
         self.entries = stack.entries
@@ -316,6 +396,9 @@ class StackRun:
         self._row_masks: dict = {}
         self._static: dict = {}
         self._groups: dict = {}
+        self._cursors = list(cursors or [None] * len(self.entries))
+        self.scheduled: list[float] = [1.0] * len(self.entries)
+        """Each entry's schedule value at the current noise level (1.0 without a schedule)."""
         self._ended = False
 
     def end(self) -> None:
@@ -336,12 +419,16 @@ class StackRun:
     # -- per step -----------------------------------------------------------------------------------------------
 
     def active(self, sigma: float | None) -> tuple[int, ...]:
-        """Indices of the entries that run at noise level `sigma` (all, when None)."""
+        """Indices of the entries that run at noise level `sigma` (all, when None): inside their window, with a
+        strength and a scheduled value that are not 0. Advances every schedule to `sigma`."""
         if self._ended:
             raise RuntimeError("ControlStack: this stack run has ended (end() was called); begin a new run")
         out = []
         for i, e in enumerate(self.entries):
-            if e.strength == 0.0:
+            cursor = self._cursors[i]
+            if cursor is not None:  # every step, in or out of the window: guaranteed steps count steps
+                self.scheduled[i] = cursor.at(sigma)
+            if e.strength == 0.0 or self.scheduled[i] == 0.0:
                 continue
             hi, lo = self._windows[i]
             # Same test as ComfyUI's built-in: skip when sigma > start level or sigma < end level.
@@ -382,12 +469,14 @@ class StackRun:
         sigma: float | None = None,
         cond_or_uncond: Sequence[int] = (COND,),
         out_dtype: torch.dtype | None = None,
+        window: Window | None = None,
     ) -> StepControl | None:
         """Summed control of the active residual entries for one UNet call, or None when none is active.
 
         `x` is the UNet input (already scaled for the model), `timesteps` the UNet timesteps, `sigma` the noise level
         of this call (None: every entry is active), `cond_or_uncond` the kind of each of the equal chunks that `x`'s
-        batch is made of (ComfyUI batches cond and uncond together).
+        batch is made of (ComfyUI batches cond and uncond together), `window` the frames a context-window call holds
+        (None: the whole batch).
         """
         active = self.active(sigma)
         if not active:
@@ -403,13 +492,16 @@ class StackRun:
         dtype = out_dtype or x.dtype
 
         def compute(x, timesteps, context, y) -> list[torch.Tensor | None]:
-            return self._compute(groups, chunks, dtype, x, timesteps, context, y, sigma)
+            return self._compute(groups, chunks, dtype, x, timesteps, context, y, sigma, window)
 
         # Only forwards that depend on x are worth a graph: T2I features are added from per-run buffers.
         dynamic = any(self.entries[g[0]].injection != "input" for g in groups)
         graphs = self._graphs
         if graphs is not None and dynamic and graphs.covers(x.device):
-            key = graph_key(groups, chunks, dtype, x, timesteps, context, y)
+            # A captured step closes over its scheduled values (python floats) and its window's hint rows: both
+            # are part of the key, so a changed value runs eagerly first (a fade is eager; a hold is captured).
+            scheduled = tuple(self.scheduled[i] for g in groups for i in g)
+            key = (graph_key(groups, chunks, dtype, x, timesteps, context, y), scheduled, window)
             slots = graphs.step(key, compute, (x, timesteps, context, y))
         else:
             slots = compute(x, timesteps, context, y)
@@ -444,6 +536,7 @@ class StackRun:
         context: torch.Tensor,
         y: torch.Tensor | None,
         sigma: float | None,
+        window: Window | None = None,
     ) -> list[torch.Tensor | None]:
         """The eager step: run each group's forward, scale, mask, and add into one flat set of slot buffers."""
         n = self.entries[groups[0][0]].controlnet.num_residuals
@@ -458,12 +551,12 @@ class StackRun:
             dtype = _dtype_of(cn)
             if lead.injection == "input":
                 # T2I-Adapter: features do not depend on x or t; scaled and masked once per run.
-                applied, fresh = self._static_applied(group[0], x, chunks, dtype), False
+                applied, fresh = self._static_applied(group[0], x, chunks, dtype, window), False
             else:
-                applied, fresh = self._forward(group, chunks, x, timesteps, context, y, dtype), True
+                applied, fresh = self._forward(group, chunks, x, timesteps, context, y, dtype, window), True
             if self.observer is not None:
                 for idx in group:
-                    self.observer(idx, sigma, applied)
+                    self.observer(idx, sigma, applied, self.entries[idx].strength * self.scheduled[idx])
             for i, r in enumerate(applied):
                 if r is None:
                     continue
@@ -484,62 +577,79 @@ class StackRun:
         context: torch.Tensor,
         y: torch.Tensor | None,
         dtype: torch.dtype,
+        window: Window | None = None,
     ) -> list[torch.Tensor]:
         """One residual forward (a ControlNet, a Control-LoRA, or a Union model with one or more hints), scaled."""
         lead = self.entries[group[0]]
         cn = lead.controlnet
         args = (x.to(dtype), None, timesteps.to(dtype), context.to(dtype), None if y is None else y.to(dtype))
-        encoded = [self._encoded_hint(idx, x, chunks, dtype) for idx in group]
+        encoded = [self._encoded_hint(idx, x, chunks, dtype, window) for idx in group]
         if lead.kind == "union":
             types = [] if lead.union_type is None else [self.entries[i].union_type for i in group]
             res = cn(
                 *args,
                 encoded_hint=encoded,
                 control_types=types,
-                condition_scales=[self.entries[i].strength for i in group],
+                condition_scales=[self.entries[i].strength * self.scheduled[i] for i in group],
                 latent_token=lead.latent_token,
             )
             # One hint: strength scales the residuals (as ComfyUI and diffusers). Several: the strengths went into
             # the fusion as per-condition scales (diffusers' multi-condition maths), the residuals get mode x custom.
-            scales = lead.layer_scales if len(group) == 1 else lead.unit_scales
+            scales = self._scales(group[0]) if len(group) == 1 else lead.unit_scales
         else:
             res = cn(*args, encoded_hint=encoded[0])
-            scales = lead.layer_scales
-        row_mask = self._row_mask(x, chunks, dtype) if lead.mode == "control" else None
+            scales = self._scales(group[0])
+        row_mult = self._row_mult(group[0], x, chunks, dtype, window)
         applied = []
         for i, r in enumerate(res):
             if getattr(cn, "global_average_pooling", False):
                 r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
             r = r * scales[i]
             if lead.mask is not None:
-                r = r * self._mask_at(group[0], x, r.shape[-2:], len(chunks), dtype)
-            if row_mask is not None:
-                r = r * row_mask
+                r = r * self._mask_at(group[0], x, r.shape[-2:], len(chunks), dtype, window)
+            if row_mult is not None:
+                r = r * row_mult
             applied.append(r)
         return applied
 
+    def _scales(self, idx: int) -> tuple[float, ...]:
+        """strength x schedule x mode x custom of one entry at the current step, one multiplier per residual."""
+        entry, value = self.entries[idx], self.scheduled[idx]
+        if value == 1.0:
+            return entry.layer_scales
+        # one float per layer, so a constant schedule s equals strength s bit for bit (s x u == u x s)
+        return tuple(s * value for s in entry.layer_scales)
+
     def _static_applied(
-        self, idx: int, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype
+        self,
+        idx: int,
+        x: torch.Tensor,
+        chunks: tuple[int, ...],
+        dtype: torch.dtype,
+        window: Window | None = None,
     ) -> list[torch.Tensor | None]:
-        """An x-independent entry's (T2I-Adapter) scaled, masked features for this batch layout, once per run."""
-        key = (idx, tuple(x.shape), chunks, x.device, dtype)
+        """An x-independent entry's (T2I-Adapter) scaled, masked features for this batch layout, once per run (and
+        again when its scheduled value changes; only the latest value is kept)."""
+        key = (idx, tuple(x.shape), chunks, x.device, dtype, window)
+        value = self.scheduled[idx]
         hit = self._static.get(key)
-        if hit is not None:
-            return hit
+        if hit is not None and hit[0] == value:
+            return hit[1]
         entry = self.entries[idx]
-        features = self._encoded_hint(idx, x, chunks, dtype)
-        row_mask = self._row_mask(x, chunks, dtype) if entry.mode == "control" else None
+        features = self._encoded_hint(idx, x, chunks, dtype, window)
+        row_mult = self._row_mult(idx, x, chunks, dtype, window)
+        scales = self._scales(idx)
         applied: list[torch.Tensor | None] = []
         for i, r in enumerate(features):
             if r is not None:
-                r = r * entry.layer_scales[i]
+                r = r * scales[i]
                 if entry.mask is not None:
-                    r = r * self._mask_at(idx, x, r.shape[-2:], len(chunks), dtype)
-                if row_mask is not None:
-                    r = r * row_mask
+                    r = r * self._mask_at(idx, x, r.shape[-2:], len(chunks), dtype, window)
+                if row_mult is not None:
+                    r = r * row_mult
                 r = r.contiguous()
             applied.append(r)
-        self._static[key] = applied
+        self._static[key] = (value, applied)
         return applied
 
     # -- LLLite: attention-input patches ------------------------------------------------------------------------
@@ -551,6 +661,7 @@ class StackRun:
         *,
         sigma: float | None = None,
         cond_or_uncond: Sequence[int] = (COND,),
+        window: Window | None = None,
     ) -> AttentionPatch | None:
         """The attention-input patch of the active LLLite entries for one UNet call, or None when none is active.
 
@@ -565,17 +676,25 @@ class StackRun:
         for idx in entries:
             module = self.entries[idx].controlnet
             dtype = _dtype_of(module)
-            cond = self._encoded_hint(idx, x, chunks, dtype)
-            row_mask = self._row_mask(x, chunks, dtype) if self.entries[idx].mode == "control" else None
-            prepared.append((idx, cond, row_mask))
-        return AttentionPatch(self, prepared, x, len(chunks), sigma)
+            cond = self._encoded_hint(idx, x, chunks, dtype, window)
+            row_mult = self._row_mult(idx, x, chunks, dtype, window)
+            prepared.append((idx, cond, row_mult))
+        return AttentionPatch(self, prepared, x, len(chunks), sigma, window)
 
     # -- per-run caches -----------------------------------------------------------------------------------------
 
-    def _encoded_hint(self, idx: int, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype):
-        """The entry's hint, fitted and encoded once per run, broadcast to the UNet batch (tensor, list or dict)."""
+    def _encoded_hint(
+        self,
+        idx: int,
+        x: torch.Tensor,
+        chunks: tuple[int, ...],
+        dtype: torch.dtype,
+        window: Window | None = None,
+    ):
+        """The entry's hint, fitted and encoded once per run, broadcast to the UNet batch (tensor, list or dict);
+        in a context window, the rows of the window's frames."""
         h_px, w_px = x.shape[-2] * 8, x.shape[-1] * 8
-        key = (idx, h_px, w_px, x.shape[0], len(chunks), x.device, dtype)
+        key = (idx, h_px, w_px, x.shape[0], len(chunks), x.device, dtype, window)
         if key in self._encoded:
             return self._encoded[key]
         entry = self.entries[idx]
@@ -590,20 +709,29 @@ class StackRun:
                     f"{entry.name}: hint: expected {w_px}x{h_px} pixels (8 x the {x.shape[-1]}x{x.shape[-2]} latent), "
                     f"got {hint.shape[-1]}x{hint.shape[-2]}"
                 )
-            broadcast_rows(hint, x.shape[0], len(chunks), f"{entry.name}: hint")  # validate the batch early
+            window_rows(
+                hint, x.shape[0], len(chunks), window, f"{entry.name}: hint"
+            )  # validate the batch early
             encoded = entry.controlnet.encode_hint(hint.to(device=x.device, dtype=dtype))
             self._encoded[base_key] = encoded
         full = _map_tensors(
-            encoded, lambda t: broadcast_rows(t, x.shape[0], len(chunks), f"{entry.name}: hint").contiguous()
+            encoded,
+            lambda t: window_rows(t, x.shape[0], len(chunks), window, f"{entry.name}: hint").contiguous(),
         )
         self._encoded[key] = full
         return full
 
     def _mask_at(
-        self, idx: int, x: torch.Tensor, size: torch.Size, chunks: int, dtype: torch.dtype
+        self,
+        idx: int,
+        x: torch.Tensor,
+        size: torch.Size,
+        chunks: int,
+        dtype: torch.dtype,
+        window: Window | None = None,
     ) -> torch.Tensor:
         """The entry's mask fitted like its hint, resized to one residual's resolution, broadcast to the batch."""
-        key = (idx, tuple(x.shape), tuple(size), chunks, dtype, x.device)
+        key = (idx, tuple(x.shape), tuple(size), chunks, dtype, x.device, window)
         hit = self._masks.get(key)
         if hit is None:
             entry = self.entries[idx]
@@ -614,19 +742,44 @@ class StackRun:
             resized = F.interpolate(
                 mask[:, None].to(device=x.device, dtype=torch.float32), size=tuple(size), mode="bilinear"
             )
-            hit = broadcast_rows(resized.to(dtype), x.shape[0], chunks, f"{entry.name}: mask").contiguous()
+            hit = window_rows(
+                resized.to(dtype), x.shape[0], chunks, window, f"{entry.name}: mask"
+            ).contiguous()
             self._masks[key] = hit
         return hit
 
-    def _row_mask(self, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        key = (x.shape[0], chunks, dtype, x.device)
-        hit = self._row_masks.get(key)
-        if hit is None:
-            per_chunk = x.shape[0] // len(chunks)
-            rows = [1.0 if c == COND else 0.0 for c in chunks for _ in range(per_chunk)]
+    def _row_mult(
+        self, idx: int, x: torch.Tensor, chunks: tuple[int, ...], dtype: torch.dtype, window: Window | None
+    ) -> torch.Tensor | None:
+        """One multiplier per batch row of a UNet call (B x 1 x 1 x 1), or None when every row is 1: the frame's
+        strength (per-frame keyframes) x, on uncond rows, 0 in "control" mode or the uncond multiplier."""
+        key = (idx, x.shape[0], chunks, dtype, x.device, window)
+        if key in self._row_masks:
+            return self._row_masks[key]
+        entry = self.entries[idx]
+        per_chunk = x.shape[0] // len(chunks)
+        uncond = 0.0 if entry.mode == "control" else entry.uncond_multiplier
+        frames = [1.0] * per_chunk
+        if entry.frame_strengths is not None:
+            total = self._frame_count(idx, per_chunk, window)
+            strengths = entry.frame_strengths.resolve(total, f"{entry.name}: frame strengths")
+            frames = frame_rows(strengths, None if window is None else window.frames, 1)
+        rows = [f * (1.0 if c == COND else uncond) for c in chunks for f in frames]
+        hit = None
+        if any(r != 1.0 for r in rows):
             hit = torch.tensor(rows, dtype=dtype, device=x.device).view(-1, 1, 1, 1)
-            self._row_masks[key] = hit
+        self._row_masks[key] = hit
         return hit
+
+    def _frame_count(self, idx: int, per_chunk: int, window: Window | None) -> int:
+        """How many latents the whole batch has: the call's own, the context window's total, or (a window protocol
+        that does not say) the entry's per-frame hint, else the highest frame index + 1."""
+        if window is None:
+            return per_chunk
+        if window.total is not None:
+            return window.total
+        hint_frames = self.entries[idx].hint.shape[0]
+        return hint_frames if hint_frames > 1 else max(window.frames) + 1
 
 
 def _dtype_of(module: torch.nn.Module) -> torch.dtype:
@@ -646,9 +799,16 @@ class AttentionPatch:
     """
 
     def __init__(
-        self, run: StackRun, prepared: list, x: torch.Tensor, chunks: int, sigma: float | None
+        self,
+        run: StackRun,
+        prepared: list,
+        x: torch.Tensor,
+        chunks: int,
+        sigma: float | None,
+        window: Window | None = None,
     ) -> None:
         self.run, self.prepared, self.x, self.chunks, self.sigma = run, prepared, x, chunks, sigma
+        self.window = window
         self.observer = run.observer
         self.magnitudes: dict[int, list[torch.Tensor | None]] = {}
         """For the report: per entry, per layer slot, the largest mean |term| added in this UNet call."""
@@ -666,7 +826,9 @@ class AttentionPatch:
             return
         for idx, cells in self.magnitudes.items():
             if any(c is not None for c in cells):
-                self.observer(idx, self.sigma, cells)
+                self.observer(
+                    idx, self.sigma, cells, self.run.entries[idx].strength * self.run.scheduled[idx]
+                )
         self.magnitudes = {}
 
     def __call__(
@@ -684,7 +846,7 @@ class AttentionPatch:
         # Every entry's term is computed from the original inputs and the terms are summed, like residuals: two
         # stacked LLLites do not see each other's changes (chaining them as ComfyUI patches would).
         q0, k0, v0 = q, k, v
-        for idx, cond, row_mask in self.prepared:
+        for idx, cond, row_mult in self.prepared:
             entry = self.run.entries[idx]
             module = entry.controlnet
             if not module.targets(tuple(block), block_index, attn):
@@ -692,14 +854,18 @@ class AttentionPatch:
             n = module.num_residuals
             slot = block[1] if block[0] == "input" else n - 1 if block[0] == "middle" else None
             # Output-block modules (not in kohya's default layout) have no layer slot: strength x mode only.
-            scale = entry.layer_scales[slot] if slot is not None and slot < n else entry.strength
+            scales = self.run._scales(idx)
+            value = self.run.scheduled[idx]
+            scale = scales[slot] if slot is not None and slot < n else entry.strength * value
             mult: float | torch.Tensor = scale
             if entry.mask is not None and activations_shape is not None:
                 h, w = int(activations_shape[-2]), int(activations_shape[-1])
-                m = self.run._mask_at(idx, self.x, torch.Size((h, w)), self.chunks, _dtype_of(module))
+                m = self.run._mask_at(
+                    idx, self.x, torch.Size((h, w)), self.chunks, _dtype_of(module), self.window
+                )
                 mult = m.flatten(2).transpose(1, 2) * scale  # B x (h*w) x 1, the token order of the UNet
-            if row_mask is not None:
-                mult = row_mask.view(-1, 1, 1) * mult
+            if row_mult is not None:
+                mult = row_mult.view(-1, 1, 1) * mult
             new = module.apply(tuple(block), block_index, attn, q0, k0, v0, cond, mult)
             self._record(
                 idx,

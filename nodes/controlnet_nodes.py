@@ -23,8 +23,11 @@ SCALE_MODES = {
     "balanced": "balanced",
     "prompt is more important": "prompt",
     "ControlNet is more important": "control",
+    "soft weights": "prompt",
     "custom": "balanced",
 }
+"""ControlScale mode -> StackEntry.mode. "soft weights" is "prompt is more important" with its own base, flip and
+uncond multiplier (A1111's soft injection, Advanced-ControlNet's Scaled Soft Weights)."""
 
 
 def layer_names(num_residuals: int) -> list[str]:
@@ -164,6 +167,14 @@ class ApplyHint:
                     "CS_SCALES",
                     {"tooltip": "Per-layer multipliers and mode from ControlNet Layer Scales."},
                 ),
+                "schedule": (
+                    "CS_SCHEDULE",
+                    {"tooltip": "A strength curve over sampling progress from Strength Keyframe nodes."},
+                ),
+                "frame_strengths": (
+                    "CS_FRAME_STRENGTHS",
+                    {"tooltip": "Per-frame (per-latent) strengths from Frame Strengths nodes."},
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -179,18 +190,24 @@ class ApplyHint:
         resize_mode,
         mask=None,
         scales=None,
+        schedule=None,
+        frame_strengths=None,
         unique_id=None,
     ):
         start_percent, end_percent = check_window(start_percent, end_percent)
         control_net = patcher.resolve_for_model(control_net, model)
-        mode, layer_scales = "balanced", None
+        mode, layer_scales, soft = "balanced", None, {}
         if scales is not None:
             mode = scales["mode"]
             if scales["custom"] is not None:
                 custom = scales["custom"]
                 n = control_net.module.num_residuals
                 layer_scales = tuple(custom[: n - 1]) + (custom[-1],)
+            soft = scales.get("soft", {})
         entry = {
+            **soft,
+            "schedule": schedule,
+            "frame_strengths": frame_strengths,
             "hint": image_to_hint(image),
             "strength": float(strength),
             "start_percent": float(start_percent),
@@ -256,7 +273,8 @@ class ControlScale:
     DESCRIPTION = (
         "Per-layer multipliers and the control mode for Apply ControlNet Hint. balanced: every layer at strength. "
         f"prompt is more important: layer i x {PROMPT_DECAY}^(12-i), shallow layers fade. ControlNet is more "
-        "important: the residuals go to the positive prompt only, so CFG amplifies them. custom: the in_00..middle "
+        "important: the residuals go to the positive prompt only, so CFG amplifies them. soft weights: layer i x "
+        "base_multiplier^(12-i) (flipped: ^i), uncond rows x uncond_multiplier. custom: the in_00..middle "
         "values below "
         "(SDXL uses in_00..in_08 and middle). Every kind takes them: a layer is where the kind acts — ControlNets, "
         "Union and Control-LoRAs every layer; T2I-Adapters in_02/05/08/11 (SDXL in_03/05/08 and middle); LLLite the "
@@ -285,18 +303,49 @@ class ControlScale:
         mode = {
             "tooltip": (
                 f"balanced: every layer 1.0 · prompt is more important: layer i x {PROMPT_DECAY}^(12-i) · "
-                "ControlNet is more important: cond only, uncond x0 · custom: the values below."
+                "ControlNet is more important: cond only, uncond x0 · soft weights: layer i x "
+                "base_multiplier^(12-i) · custom: the values below."
             ),
             # Read by web/controlstack.js (the chart's bars and presets), so the names and the decay live here only.
             "controlstack": {"layers": list(LAYERS), "prompt_decay": PROMPT_DECAY},
         }
-        return {"required": {"mode": (list(SCALE_MODES), mode), **layers}}
+        soft = {
+            "base_multiplier": (
+                "FLOAT",
+                {
+                    "default": PROMPT_DECAY,
+                    "min": 0.0,
+                    "max": 1.0,
+                    "step": 0.001,
+                    "tooltip": "soft weights: layer i x base_multiplier^(12-i) (SDXL: ^(9-i)).",
+                },
+            ),
+            "flip_weights": (
+                "BOOLEAN",
+                {"default": False, "tooltip": "soft weights: reversed, the shallow layers keep most."},
+            ),
+            "uncond_multiplier": (
+                "FLOAT",
+                {
+                    "default": 1.0,
+                    "min": 0.0,
+                    "max": 1.0,
+                    "step": 0.01,
+                    "tooltip": "Multiplies the residuals on the negative prompt's rows (every mode but "
+                    "ControlNet is more important, where it is 0).",
+                },
+            ),
+        }
+        return {"required": {"mode": (list(SCALE_MODES), mode), **layers}, "optional": soft}
 
-    def build(self, mode, **layers):
+    def build(self, mode, base_multiplier=PROMPT_DECAY, flip_weights=False, uncond_multiplier=1.0, **layers):
         if mode not in SCALE_MODES:
             raise ControlNetError(f"mode: expected one of {list(SCALE_MODES)}, got {mode!r}")
         custom = [float(layers[name]) for name in LAYERS] if mode == "custom" else None
-        return ({"mode": SCALE_MODES[mode], "custom": custom},)
+        soft = {"uncond_multiplier": float(uncond_multiplier)}
+        if mode == "soft weights":
+            soft.update(soft_base=float(base_multiplier), soft_flip=bool(flip_weights))
+        return ({"mode": SCALE_MODES[mode], "custom": custom, "soft": soft},)
 
 
 class Sampler:
@@ -334,7 +383,7 @@ class Sampler:
     def sample(
         self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise
     ):
-        latent, tables = patcher.sample_with_report(
+        latent, tables, strengths = patcher.sample_with_report(
             model,
             seed=seed,
             steps=steps,
@@ -348,7 +397,7 @@ class Sampler:
         )
         entries = patcher.stack_of(model).entries
         names = [f"#{i + 1} {e.controlnet.name} (node {e.label})" for i, e in enumerate(entries)]
-        report = render_report(tables, names, [layer_names(t.shape[0]) for t in tables])
+        report = render_report(tables, names, [layer_names(t.shape[0]) for t in tables], strengths)
         return {"ui": {"images": save_temp_images(report, "controlstack_report")}, "result": (latent, report)}
 
 

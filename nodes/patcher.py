@@ -31,7 +31,7 @@ from ..controlnet import ControlNetError
 from ..controlnet.control_lora import control_lora_family
 from ..controlnet.kinds import KIND_NAMES, file_kind, load_control
 from ..controlnet.loading import read_tensors
-from ..controlnet.stack import ResidualStack, StackEntry, StackRun, StepControl, kind_of
+from ..controlnet.stack import ResidualStack, StackEntry, StackRun, StepControl, Window, kind_of
 from ..preprocessors.resize import fit_image, fit_mask
 
 log = logging.getLogger(__name__)
@@ -320,6 +320,7 @@ class StackWrapper:
             xc = sampling.calculate_input(t, x).to(dtype)
             sigma = float(t[0])
             cond_or_uncond = transformer_options.get("cond_or_uncond") or [0]
+            window = context_window(transformer_options)
             step = run.control(
                 xc,
                 sampling.timestep(t).float(),
@@ -328,10 +329,11 @@ class StackWrapper:
                 sigma=sigma,
                 cond_or_uncond=cond_or_uncond,
                 out_dtype=dtype,
+                window=window,
             )
             if step is not None:
                 control = merge_control(control, step)
-            patch = run.attention_patch(xc, sigma=sigma, cond_or_uncond=cond_or_uncond)
+            patch = run.attention_patch(xc, sigma=sigma, cond_or_uncond=cond_or_uncond, window=window)
             if patch is None:
                 return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
             options = with_attention_patch(transformer_options, patch)
@@ -370,6 +372,23 @@ class StackWrapper:
 
     def _fit_quietly(self, entry: StackEntry, kind: str, height: int, width: int) -> torch.Tensor:
         return self._fit(entry, kind, height, width, preview=False)
+
+
+def context_window(transformer_options: dict) -> Window | None:
+    """The frames of the whole latent batch that this UNet call holds when a video is sampled in context windows,
+    from the two public protocols: AnimateDiff-Evolved's ``ad_params`` (``sub_idxs``, ``full_length``; the one
+    ComfyUI-Advanced-ControlNet reads) and ComfyUI's own ``context_window`` (an ``IndexListContextWindow`` with
+    ``index_list``; only along the batch dimension, dim 0, which is where SD1.x / SDXL frames are). None: the call
+    holds the whole batch."""
+    ad_params = transformer_options.get("ad_params")
+    if isinstance(ad_params, dict) and ad_params.get("sub_idxs") is not None:
+        total = ad_params.get("full_length")
+        return Window(tuple(int(i) for i in ad_params["sub_idxs"]), None if total is None else int(total))
+    window = transformer_options.get("context_window")
+    indices = getattr(window, "index_list", None)
+    if indices is not None and getattr(window, "dim", 0) == 0:
+        return Window(tuple(int(i) for i in indices))
+    return None
 
 
 def _to(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -438,8 +457,9 @@ def sampler_choices() -> tuple[list[str], list[str]]:
     return comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS
 
 
-def sample_with_report(model, **ksampler_args) -> tuple[dict, list[torch.Tensor]]:
-    """KSampler, while recording what each stacked ControlNet applied: (latent, per-entry layers x steps).
+def sample_with_report(model, **ksampler_args) -> tuple[dict, list[torch.Tensor], list[list[float]]]:
+    """KSampler, while recording what each stacked ControlNet applied: (latent, per-entry layers x steps, per-entry
+    applied strength per step).
 
     The recorder goes into the options of a clone of `model`, so only this sampling run sees it (OUTER_SAMPLE hands
     it to the run); the stack and the MODEL the graph passed in are left untouched."""
@@ -450,7 +470,7 @@ def sample_with_report(model, **ksampler_args) -> tuple[dict, list[torch.Tensor]
     reporting = model.clone()
     reporting.model_options.setdefault("transformer_options", {})[OBSERVER_OPTION] = recorder
     latent = ksample(reporting, **ksampler_args)
-    return latent, recorder.table([e.controlnet.num_residuals for e in entries])
+    return latent, recorder.table([e.controlnet.num_residuals for e in entries]), recorder.strengths()
 
 
 # Training (controlstack.training) --------------------------------------------------------------------------------

@@ -42,13 +42,20 @@ export const MODE_BALANCED = "balanced";
 export const MODE_PROMPT = "prompt is more important";
 export const MODE_CONTROL = "ControlNet is more important";
 export const MODE_CUSTOM = "custom";
+export const MODE_SOFT = "soft weights";
 
-/** Values a preset gives each layer widget; null for "custom" (the user's values stay). */
-export function presetValues(mode, count = scaleSchema.layers?.length ?? 0) {
-  if (mode === MODE_PROMPT) {
-    // Guess mode: decay ** (n - 1 - i), the deepest layer (middle) gets 1.0; as controlnet/stack.py mode_scales.
-    if (scaleSchema.promptDecay == null) return null;
-    return Array.from({ length: count }, (_, i) => scaleSchema.promptDecay ** (count - 1 - i));
+/**
+ * Values a preset gives each layer widget; null for "custom" (the user's values stay). `soft` ({base, flip}) are
+ * the node's soft-weight widgets, used by "soft weights".
+ */
+export function presetValues(mode, count = scaleSchema.layers?.length ?? 0, soft = null) {
+  if (mode === MODE_PROMPT || mode === MODE_SOFT) {
+    // Guess mode / soft weights: base ** (n - 1 - i), the deepest layer (middle) gets 1.0 (flipped: base ** i);
+    // as controlnet/stack.py mode_scales.
+    const base = mode === MODE_SOFT ? Number(soft?.base ?? scaleSchema.promptDecay) : scaleSchema.promptDecay;
+    if (base == null || Number.isNaN(base)) return null;
+    const values = Array.from({ length: count }, (_, i) => base ** (count - 1 - i));
+    return mode === MODE_SOFT && soft?.flip ? values.reverse() : values;
   }
   if (mode === MODE_BALANCED || mode === MODE_CONTROL) return Array(count).fill(1.0);
   return null;
@@ -74,6 +81,12 @@ function layerWidgets(node) {
 
 function modeWidget(node) {
   return node.widgets?.find((w) => w.name === "mode");
+}
+
+/** The node's soft-weight widgets ({base, flip}) for presetValues. */
+function softOf(node) {
+  const find = (name) => node.widgets?.find((w) => w.name === name)?.value;
+  return { base: find("base_multiplier"), flip: !!find("flip_weights") };
 }
 
 function chartOf(node) {
@@ -132,14 +145,14 @@ function chartGeometry(node, chart) {
  * the widgets' values in "custom".
  */
 function effectiveValues(node, layers = layerWidgets(node)) {
-  const preset = presetValues(modeWidget(node)?.value, layers.length);
+  const preset = presetValues(modeWidget(node)?.value, layers.length, softOf(node));
   return preset ?? layers.map((w) => Number(w.value));
 }
 
 /** Leaving a preset for "custom": the layer widgets take the preset's values first (except `keep`). */
 function adoptPreset(node, keep = null) {
   const layers = layerWidgets(node);
-  const preset = presetValues(modeWidget(node)?.value, layers.length);
+  const preset = presetValues(modeWidget(node)?.value, layers.length, softOf(node));
   if (preset) layers.forEach((w, i) => w !== keep && setLayerValue(node, w, preset[i]));
   setMode(node, MODE_CUSTOM);
 }
@@ -176,7 +189,7 @@ function setWidget(node, widget, value) {
 function applyPreset(node) {
   const mw = modeWidget(node);
   const layers = layerWidgets(node);
-  const values = presetValues(mw?.value, layers.length);
+  const values = presetValues(mw?.value, layers.length, softOf(node));
   if (!values) return;
   layers.forEach((w, i) => setLayerValue(node, w, values[i]));
   redraw(node);
@@ -185,7 +198,7 @@ function applyPreset(node) {
 function matchesPreset(node) {
   const mw = modeWidget(node);
   const layers = layerWidgets(node);
-  const values = presetValues(mw?.value, layers.length);
+  const values = presetValues(mw?.value, layers.length, softOf(node));
   return !values || layers.every((w, i) => close(w.value, values[i]));
 }
 
@@ -313,6 +326,18 @@ function setupScaleNode(node) {
     redraw(node);
     return r;
   };
+  // soft-weight widgets -> bars (in "soft weights" mode they define the preset).
+  for (const name of ["base_multiplier", "flip_weights"]) {
+    const w = node.widgets?.find((x) => x.name === name);
+    if (!w) continue;
+    const softCallback = w.callback;
+    w.callback = function (...args) {
+      const r = softCallback?.apply(this, args);
+      if (modeWidget(node)?.value === MODE_SOFT) applyPreset(node);
+      redraw(node);
+      return r;
+    };
+  }
   // number widget -> mode: a user edit that leaves the preset switches to custom. Programmatic sets (ours,
   // app.loadApiJson) keep the mode, so an API workflow loads exactly as written. A user edit: the graph canvas
   // passes the canvas as second argument; Nodes 2.0 passes the value only, so there any call that is not ours is.

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 ARTIFACTS = host.REPO / ".artifacts"
+REFERENCE_NODES = Path(__file__).resolve().parent / "reference_nodes"
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +31,8 @@ def host_models() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def comfy_server(request: pytest.FixtureRequest, host_models: dict[str, Path]) -> Iterator[host.ComfyServer]:
     """A started ComfyServer with the pack loaded; stopped at the end of the session."""
-    server = host.ComfyServer()
+    # the test-side reference nodes (LLLite's formula, a context-window handler) load next to the pack
+    server = host.ComfyServer(extra_packs=sorted(p for p in REFERENCE_NODES.iterdir() if p.is_dir()))
     failed_before = request.session.testsfailed
     try:
         server.start(timeout=180)
@@ -43,9 +45,6 @@ def comfy_server(request: pytest.FixtureRequest, host_models: dict[str, Path]) -
         server.stop()
         if request.session.testsfailed > failed_before:
             _dump_log(server, "session")
-
-
-REFERENCE_NODES = Path(__file__).resolve().parent / "reference_nodes"
 
 
 @pytest.fixture(scope="session")

@@ -188,7 +188,7 @@ def test_the_observer_belongs_to_one_model_clone_and_the_report_matches_it(setup
     assert [s[0] for s in seen] == [0] * STEPS
     sigmas = [s[1] for s in seen]
     assert sigmas == sorted(sigmas, reverse=True) and len(set(sigmas)) == STEPS
-    latent, (table,) = patcher.sample_with_report(patched, **SAMPLE, **conds)
+    latent, (table,), _ = patcher.sample_with_report(patched, **SAMPLE, **conds)
     assert len(seen) == STEPS, "a run of another clone (same wrapper, same stack) never reaches this observer"
     assert torch.equal(latent["samples"], plain)
     assert patcher.OBSERVER_OPTION not in patched.model_options.get("transformer_options", {}), (

@@ -97,7 +97,10 @@ def summarize(graph: dict) -> Summary:
         scales = None
         if "scales" in inputs:
             _, sc = _source(graph, inputs["scales"])
-            scales = (sc["inputs"]["mode"], tuple(v for k, v in sorted(sc["inputs"].items()) if k != "mode"))
+            layer_values = tuple(
+                v for k, v in sorted(sc["inputs"].items()) if k.startswith("in_") or k == "middle"
+            )
+            scales = (sc["inputs"]["mode"], layer_values)
         kind = next((k for marker, k in KIND_MARKERS.items() if marker in file), "controlnet")
         window = (inputs["start_percent"], inputs["end_percent"])
         entries.append(Entry(kind, file, _hint_source(graph, inputs["image"]), window, scales, union_type))
@@ -235,7 +238,7 @@ def read_report(path: Path, layers: int, steps: int, exact: bool = True) -> np.n
     written with rounding, as the Sampler's own preview) or the nearest entry (SaveImage truncates).
     """
     img = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    block_h = UI.TITLE_H + layers * UI.CELL_H + 6
+    block_h = UI.block_height(layers)
     assert img.shape[0] % block_h == 0, (img.shape, block_h)
     ys = UI.TITLE_H + UI.CELL_H // 2 + UI.CELL_H * np.arange(layers)
     xs = UI.LABEL_W + UI.CELL_W // 2 + UI.CELL_W * np.arange(steps)

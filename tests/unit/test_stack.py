@@ -265,19 +265,19 @@ def test_two_runs_of_one_stack_do_not_interfere(cn, cn2):
 
 def test_the_observer_of_one_run_sees_only_its_steps(cn):
     """The control report's observer is per run: a second run of the same stack, interleaved, never reaches it;
-    it gets the entry index, the call's sigma and exactly the applied (scaled) residuals."""
+    it gets the entry index, the call's sigma, exactly the applied (scaled) residuals and the applied strength."""
     x, hint, t, ctx, _ = random_inputs(cn, batch=1, seed=21)
     stack = ResidualStack([StackEntry(cn, hint, strength=0.25)])
     seen = []
     observed = stack.begin_run(
-        linear, observer=lambda idx, sigma, applied: seen.append((idx, sigma, applied))
+        linear, observer=lambda idx, sigma, applied, strength: seen.append((idx, sigma, applied, strength))
     )
     other = stack.begin_run(linear)
     other.residuals(x, t, ctx, sigma=0.8)
     got = observed.residuals(x, t, ctx, sigma=0.6)
     other.residuals(x + 1, t, ctx, sigma=0.4)
-    ((idx, sigma, applied),) = seen
-    assert (idx, sigma) == (0, 0.6)
+    ((idx, sigma, applied, strength),) = seen
+    assert (idx, sigma, strength) == (0, 0.6, 0.25)
     for a, g, w in zip(applied, got, reference(cn, x, hint, t, ctx), strict=True):
         assert rel_err(a, 0.25 * w) < 1e-6 and rel_err(g, a) < 1e-6
     observed.end()

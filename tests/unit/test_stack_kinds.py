@@ -203,8 +203,8 @@ def test_lllite_terms_reach_the_control_report(lllite):
     new = patch("attn1", ("input", 4), 0, q, q, q, [2, 640, latent // 2, latent // 2])
     assert not seen, "reported once per UNet call, after it"
     patch.report()
-    ((idx, sigma, cells),) = seen
-    assert idx == 0 and sigma == 0.4 and len(cells) == lllite.num_residuals
+    ((idx, sigma, cells, strength),) = seen
+    assert idx == 0 and sigma == 0.4 and strength == 0.5 and len(cells) == lllite.num_residuals
     largest = max(float((n - q).abs().mean()) for n in new)  # the q, k and v terms of input block 4
     assert cells[4] is not None and abs(float(cells[4]) - largest) < 1e-6
     assert all(c is None for i, c in enumerate(cells) if i != 4)
