@@ -15,7 +15,11 @@ KIND_MISSING = "controlstack_no_such_file.safetensors"
 # Sampling is nearly all of the browser tests' time, so only these workflows are queued from the Run button. Every
 # other UI file is loaded and checked equal to its API twin, and the twins run in tests/host/test_workflows.py;
 # test_browser_runs_cover_every_node_type keeps this set covering every node type that shows something after a run.
-BROWSER_RUNS = ("controlstack_sd15_canny_plus_scribble",)
+BROWSER_RUNS = (
+    "controlstack_sd15_canny_plus_scribble",
+    "controlstack_sd15_schedule_fade",  # Strength Keyframe
+    "controlstack_sd15_frame_keyframes",  # Frame Strengths, a 16-latent batch
+)
 # Nodes 2.0 and subgraphs (driver step "modes"): this workflow runs once per renderer with one ApplyHint and its
 # ControlScale moved into a subgraph; the Nodes 2.0 page gets ControlScale's prompt decay replaced by MODES_DECAY
 # (the extension must take it from the node definition).

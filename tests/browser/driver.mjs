@@ -830,10 +830,15 @@ async function presetAndEdit(page, nodeId) {
       else widget.callback?.(value, canvas, node);
     };
     const layers = () => window.ControlStackWeb.scaleSchema.layers.map((n) => Number(w(n).value));
+    // soft weights: the preset follows its base and flip widgets
+    edit(w("mode"), "soft weights");
+    edit(w("base_multiplier"), 0.5);
+    edit(w("flip_weights"), true);
+    const soft = { mode: w("mode").value, values: layers() };
     edit(w("mode"), "prompt is more important");
     const preset = { mode: w("mode").value, values: layers() };
     edit(w("in_05"), 0.3);
-    return { preset, after_edit: { mode: w("mode").value, values: layers() } };
+    return { soft, preset, after_edit: { mode: w("mode").value, values: layers() } };
   }, nodeId);
 }
 

@@ -341,6 +341,9 @@ def test_nodes2_drag_and_edits(browser_run: dict[str, Any]) -> None:
     assert abs(d["prompt_value"] - d["target"]) <= 0.05, d
     e = rec["edit"]
     n = len(e["preset"]["values"])
+    # soft weights, base 0.5, flipped: the shallowest layer keeps 1.0, layer i gets 0.5 ** i
+    assert e["soft"]["mode"] == "soft weights"
+    assert e["soft"]["values"] == pytest.approx([0.5**i for i in range(n)], abs=6e-3), e["soft"]  # 0.01 steps
     preset = [MODES_DECAY ** (n - 1 - i) for i in range(n)]
     assert e["preset"]["mode"] == "prompt is more important"
     after = e["after_edit"]

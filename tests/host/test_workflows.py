@@ -53,6 +53,10 @@ class Entry:
     window: tuple[float, float]
     scales: tuple[str, tuple[float, ...]] | None
     union_type: str | None
+    schedule: tuple[tuple[float, float, str], ...] = ()
+    """Strength keyframes (percent, strength, interpolation), first to last."""
+    frame_strengths: tuple[tuple[int, int, float, float, str], ...] = ()
+    """Frame ranges (first, last, strength_from, strength_to, interpolation), first to last."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class Summary:
     models: frozenset[str]
     images: frozenset[str]
     report_saved: bool
+    batch: int = 1
+    """The sampler's latent batch (EmptyLatentImage's batch_size)."""
 
 
 def _source(graph: dict, link: list) -> tuple[str, dict]:
@@ -76,6 +82,16 @@ def _hint_source(graph: dict, link: list) -> str:
     if node["class_type"] == "LoadImage":
         return node["inputs"]["image"]
     return f"{node['class_type']}({_hint_source(graph, node['inputs']['image'])})"
+
+
+def _chain(graph: dict, link: list | None, fields: tuple[str, ...]) -> tuple[tuple, ...]:
+    """The values of `fields` of each node of a `previous` chain (keyframes, frame ranges), first to last."""
+    out = []
+    while link is not None:
+        _, node = _source(graph, link)
+        out.append(tuple(node["inputs"][f] for f in fields))
+        link = node["inputs"].get("previous")
+    return tuple(reversed(out))
 
 
 def summarize(graph: dict) -> Summary:
@@ -103,7 +119,14 @@ def summarize(graph: dict) -> Summary:
             scales = (sc["inputs"]["mode"], layer_values)
         kind = next((k for marker, k in KIND_MARKERS.items() if marker in file), "controlnet")
         window = (inputs["start_percent"], inputs["end_percent"])
-        entries.append(Entry(kind, file, _hint_source(graph, inputs["image"]), window, scales, union_type))
+        schedule = _chain(graph, inputs.get("schedule"), ("percent", "strength", "interpolation"))
+        frames = _chain(
+            graph,
+            inputs.get("frame_strengths"),
+            ("first_frame", "last_frame", "strength_from", "strength_to", "interpolation"),
+        )
+        hint = _hint_source(graph, inputs["image"])
+        entries.append(Entry(kind, file, hint, window, scales, union_type, schedule, frames))
         _, node = _source(graph, inputs["model"])
     assert node["class_type"] == "CheckpointLoaderSimple", node
     ckpt = node["inputs"]["ckpt_name"]
@@ -121,6 +144,7 @@ def summarize(graph: dict) -> Summary:
         models=frozenset(models),
         images=frozenset(n["inputs"]["image"] for n in graph.values() if n["class_type"] == "LoadImage"),
         report_saved=report_saved,
+        batch=_source(graph, sampler["inputs"]["latent_image"])[1]["inputs"].get("batch_size", 1),
     )
 
 
@@ -146,6 +170,18 @@ SCENARIOS: dict[str, Callable[[Summary], bool]] = {
     "controlstack_sd15_scale_modes": lambda s: (
         {e.scales[0] for e in s.entries if e.scales} >= {"prompt is more important", "custom"}
         and any(e.scales[0] == "custom" and 0.0 in e.scales[1] for e in s.entries if e.scales)
+    ),
+    # a schedule that fades the control out by 60% with ease-out, then holds it off
+    "controlstack_sd15_schedule_fade": lambda s: (
+        len(s.entries) == 1
+        and s.entries[0].window == FULL
+        and s.entries[0].schedule == ((0.0, 1.0, "ease-out"), (0.6, 0.0, "hold"))
+    ),
+    # a 16-frame batch: frames 0-7 at full strength, 8-15 fading linearly to 0
+    "controlstack_sd15_frame_keyframes": lambda s: (
+        s.batch == 16
+        and len(s.entries) == 1
+        and s.entries[0].frame_strengths == ((0, 7, 1.0, 1.0, "hold"), (8, 15, 1.0, 0.0, "linear"))
     ),
     "controlstack_sd15_canny_from_photo": lambda s: (
         [e.hint for e in s.entries] == ["ControlStackCannyPreprocessor(controlstack_photo.png)"]
@@ -254,6 +290,21 @@ def read_report(path: Path, layers: int, steps: int, exact: bool = True) -> np.n
     return np.stack(blocks)
 
 
+def read_strengths(path: Path, layers: int, steps: int) -> np.ndarray:
+    """The strength strips of a control report: entries x steps, each bar's height as a fraction of a full bar."""
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    block_h = UI.block_height(layers)
+    strip_bottom = UI.TITLE_H + layers * UI.CELL_H + 2 + UI.STRENGTH_H
+    xs = UI.LABEL_W + UI.CELL_W // 2 + UI.CELL_W * np.arange(steps)
+    bars = []
+    for b in range(img.shape[0] // block_h):
+        strip = img[b * block_h + strip_bottom - UI.STRENGTH_H : b * block_h + strip_bottom][:, xs]
+        # SaveImage truncates 255 x (v / 255): the bar colour may come back one gray level lower
+        coloured = (np.abs(strip - np.array(UI.STRENGTH_COLOUR)) <= 1).all(-1)  # STRENGTH_H x steps
+        bars.append(coloured.sum(0) / (UI.STRENGTH_H - 2))
+    return np.stack(bars)
+
+
 def test_report_draws_each_entrys_applied_magnitudes(comfy_server):
     """One ControlNet and one hint applied three times, so the report's numbers are known relative to each other:
     A (strength 1), B (strength 0.5, "prompt is more important": layer i x 0.825^(12 - i)) and C (strength 1 in
@@ -349,12 +400,22 @@ def test_workflow_runs_and_writes_images(request, comfy_server, path):
     values = read_report(report, LAYERS[summary.family], steps, exact=False)
     assert len(values) == len(summary.entries), "one report block per stacked entry"
     assert values.max() == 1.0
-    for entry, table in zip(summary.entries, values, strict=True):
+    strengths = read_strengths(report, LAYERS[summary.family], steps)
+    for entry, table, bars in zip(summary.entries, values, strengths, strict=True):
         assert table.any(), f"{entry.file}: nothing reported"
         if entry.scales is not None and entry.scales[0] == "custom":
             custom = entry.scales[1]  # in_00 .. in_11, middle; SDXL's 10 rows are in_00 .. in_08, middle
             zero = [i for i, s in enumerate((*custom[: len(table) - 1], custom[-1])) if s == 0.0]
             assert zero and not table[zero].any(), f"{entry.file}: layers scaled by 0 show a push"
+        if entry.schedule:
+            # the strip shows the schedule taking effect: full strength first, easing down, then off; steps at
+            # strength 0 do not run the ControlNet, so their columns are empty
+            assert bars[0] == 1.0 and (np.diff(bars) <= 0).all() and bars[-1] == 0.0, bars
+            off = ~table.any(axis=0)  # steps without a push (a bar may round to 0 px just before it stops)
+            assert off[-1] and not off[0] and (bars[off] == 0).all() and table[:, bars > 0].all(), (
+                bars,
+                table,
+            )
         if entry.kind == "t2i_adapter" and summary.family == "sd15":
             # an SD1.5 T2I-Adapter adds its four features after in_02, in_05, in_08, in_11 and nowhere else
             assert (
