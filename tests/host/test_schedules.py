@@ -143,6 +143,15 @@ def video_graph(*, steps: int = 1) -> dict:
     return g
 
 
+def in_windows(g: dict, model: list, protocol: str) -> dict:
+    """The graph with its sampler on `model` sampled in windows of 8 frames overlapping by 4 (the test handler)."""
+    g["41"] = {
+        "class_type": "CSTestContextWindows",
+        "inputs": {"model": model, "context_length": 8, "context_overlap": 4, "protocol": protocol},
+    }
+    return set_sampler(g, model=["41", 0])
+
+
 @pytest.mark.parametrize("protocol", ["animatediff", "comfyui"])
 def test_context_windows_get_the_rows_of_their_frames(comfy_server, files, protocol):
     """24 frames sampled in windows of 8 overlapping by 4 (a test-side handler speaking the protocol; one Euler
@@ -157,11 +166,7 @@ def test_context_windows_get_the_rows_of_their_frames(comfy_server, files, proto
     g = video_graph()
     fs = frame_strengths(g, "40", 0, -1, *fade)
     model = add_controlstack(g, "7", SD15_CN, ["6", 0], ["1", 0], frame_strengths=fs)
-    g["41"] = {
-        "class_type": "CSTestContextWindows",
-        "inputs": {"model": model, "context_length": 8, "context_overlap": 4, "protocol": protocol},
-    }
-    windowed = run_latent(comfy_server, set_sampler(g, model=["41", 0]), timeout=900)
+    windowed = run_latent(comfy_server, in_windows(g, model, protocol), timeout=900)
     assert windowed.shape == (FRAMES, 4, 8, 8)
 
     starts = [0, 4, 8, 12, 16]
@@ -193,11 +198,7 @@ def test_context_windows_get_the_rows_of_their_frames(comfy_server, files, proto
     g["43"] = {"class_type": "ImageFromBatch", "inputs": {"image": ["6", 0], "batch_index": 0, "length": 1}}
     fs = frame_strengths(g, "40", 0, -1, *fade)
     model = add_controlstack(g, "7", SD15_CN, ["43", 0], ["1", 0], frame_strengths=fs)
-    g["41"] = {
-        "class_type": "CSTestContextWindows",
-        "inputs": {"model": model, "context_length": 8, "context_overlap": 4, "protocol": protocol},
-    }
-    shared = run_latent(comfy_server, set_sampler(g, model=["41", 0]), timeout=900)
+    shared = run_latent(comfy_server, in_windows(g, model, protocol), timeout=900)
     assert rel_err(shared, windowed) > max(100 * err, 1e-4), (rel_err(shared, windowed), err)
 
 
@@ -234,11 +235,7 @@ def test_bad_schedules_keyframes_and_windows_fail_clearly(comfy_server, files):
     g = video_graph()
     g["43"] = {"class_type": "ImageFromBatch", "inputs": {"image": ["6", 0], "batch_index": 0, "length": 5}}
     model = add_controlstack(g, "7", SD15_CN, ["43", 0], ["1", 0])
-    g["41"] = {
-        "class_type": "CSTestContextWindows",
-        "inputs": {"model": model, "context_length": 8, "context_overlap": 4, "protocol": "animatediff"},
-    }
-    set_sampler(g, model=["41", 0])
+    in_windows(g, model, "animatediff")
     with pytest.raises(
         PromptFailed, match=r"7: hint: batch of 5 does not fit the context window \(frames 0..7"
     ):
