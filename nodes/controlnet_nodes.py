@@ -7,7 +7,7 @@ import os
 import folder_paths
 
 from ..controlnet import ControlNetError
-from ..controlnet.stack import PROMPT_DECAY
+from ..controlnet.stack import LAYER_NAMES, PROMPT_DECAY
 from ..controlnet.union import UNION_TYPES
 from ..preprocessors.hint import image_to_hint
 from ..preprocessors.resize import RESIZE_MODES
@@ -16,7 +16,7 @@ from .inputs import check_window
 from .ui import hint_preview_sender, render_report, save_temp_images
 
 CATEGORY = "ControlStack"
-LAYERS = [f"in_{i:02d}" for i in range(12)] + ["middle"]
+LAYERS = list(LAYER_NAMES)
 UNION_FUSIONS = {"reference": True, "ComfyUI built-in": False}
 """Union fusion maths -> StackEntry.latent_token."""
 SCALE_MODES = {

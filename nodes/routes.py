@@ -2,6 +2,9 @@
 
 GET /controlstack/describe?name=<file in models/controlnet> -> {"kind", "kind_name", "family"}: the kind of a control
 file, read from its tensor names and shapes (no weights), so Load ControlNet shows a badge as soon as a file is picked.
+POST /controlstack/convert {"prompt": <API graph>} -> {"prompt", "report", "placed_near", "removed"}: the workflow
+converter (convert/workflow.py) for the frontend's "Convert ControlNet nodes to ControlStack" command, which applies
+the result to the open graph (web/convert.js).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from aiohttp import web
 
 from ..controlnet import ControlNetError
 from ..controlnet.kinds import describe_file
+from ..convert import convert_api
 
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "": ""}
 
@@ -24,6 +28,7 @@ def register() -> None:
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     if instance is not None:
         instance.routes.get("/controlstack/describe")(describe)
+        instance.routes.post("/controlstack/convert")(convert)
 
 
 async def describe(request: web.Request) -> web.Response:
@@ -38,3 +43,27 @@ async def describe(request: web.Request) -> web.Response:
     except ControlNetError as err:
         return web.json_response({"kind": "unsupported", "kind_name": "not supported", "error": str(err)})
     return web.json_response({**info, "family_name": FAMILY_NAMES.get(info["family"], info["family"])})
+
+
+async def convert(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError as err:
+        return web.json_response({"error": f"body: expected JSON, got {err}"}, status=400)
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    if not isinstance(prompt, dict) or not all(
+        isinstance(n, dict) and "class_type" in n for n in prompt.values()
+    ):
+        return web.json_response(
+            {"error": "prompt: expected an API-format graph (node id -> {class_type, inputs})"}, status=400
+        )
+    result = convert_api(prompt)
+    return web.json_response(
+        {
+            "prompt": result.prompt,
+            "report": result.report.as_dict(),
+            "text": result.report.text(),
+            "placed_near": result.placed_near,
+            "removed": result.removed,
+        }
+    )

@@ -22,7 +22,7 @@ from .common import (
 from .edges import CANNY_MAX_THRESHOLD, canny, lineart_standard, scribble
 from .hint import image_to_hint
 from .inpaint_hint import MASKED, run_inpaint
-from .resize import RESIZE_MODES, fit_image, fit_mask, pixel_perfect_resolution
+from .resize import BUILTIN_RESIZE, RESIZE_MODES, fit_image, fit_mask, pixel_perfect_resolution
 
 # The image -> uint8 hint functions, by name (benchmarks and tests iterate over these).
 PREPROCESSORS = {
@@ -39,6 +39,7 @@ PREPROCESSORS = {
 
 __all__ = [
     "PREPROCESSORS",
+    "BUILTIN_RESIZE",
     "RESIZE_MODES",
     "BINARY_MODES",
     "CANNY_MAX_THRESHOLD",

@@ -10,6 +10,9 @@ the GPU), and it follows sd-webui-controlnet's ``detectmap_proc`` semantics:
 - ``"resize and fill"``: scale by ``k = min(height / H, width / W)`` (the image fits inside), centre it and
   fill the rest with the per-channel median of the ORIGINAL image's border pixels (so a photo on a white
   background is padded with white, an edge map on black with black).
+- ``BUILTIN_RESIZE``: what ComfyUI's built-in ControlNet does to a hint (``comfy.utils.common_upscale`` with
+  ``"nearest-exact"`` and ``crop="center"``): crop the centre to the target's aspect ratio, then nearest-neighbour
+  resize. Converted built-in workflows use it, so they render the same image.
 
 Interpolation: bicubic when both axes are upscaled (sharper, like the reference's ``INTER_CUBIC``), clamped to
 the input's value range (always) so cubic overshoot cannot push a [0, 1] image (or an inpaint hint holding -1) out of
@@ -25,12 +28,21 @@ import torch.nn.functional as F
 
 from ..controlnet.checks import check_int
 
-RESIZE_MODES: tuple[str, ...] = ("just resize", "crop and resize", "resize and fill")
+BUILTIN_RESIZE = "crop and resize (nearest, as built-in)"
+RESIZE_MODES: tuple[str, ...] = ("just resize", "crop and resize", "resize and fill", BUILTIN_RESIZE)
 
 # ComfyUI's own MAX_RESOLUTION; a bigger target is a typo, not a request, and would allocate gigabytes.
 MAX_SIZE = 16384
 
-__all__ = ["RESIZE_MODES", "MAX_SIZE", "fit_image", "fit_mask", "pixel_perfect_resolution", "scaled_size"]
+__all__ = [
+    "BUILTIN_RESIZE",
+    "RESIZE_MODES",
+    "MAX_SIZE",
+    "fit_image",
+    "fit_mask",
+    "pixel_perfect_resolution",
+    "scaled_size",
+]
 
 
 def _check_mode(mode: str) -> None:
@@ -54,7 +66,7 @@ def scaled_size(h: int, w: int, height: int, width: int, mode: str) -> tuple[int
     "just resize" exactly (height, width).
     """
     _check_mode(mode)
-    if mode == "just resize":
+    if mode in ("just resize", BUILTIN_RESIZE):
         return height, width
     k0, k1 = height / h, width / w
     if mode == "crop and resize":
@@ -93,10 +105,26 @@ def _border_median(x: torch.Tensor) -> torch.Tensor:
     return med.to(x.dtype)[:, :, None, None]
 
 
+def _builtin_fit(x: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's ``common_upscale(x, width, height, "nearest-exact", "center")``, step for step (Python's round
+    included), so a hint fitted here equals the built-in's bit for bit."""
+    old_h, old_w = x.shape[-2:]
+    old_aspect, new_aspect = old_w / old_h, width / height
+    left = top = 0
+    if old_aspect > new_aspect:
+        left = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
+    elif old_aspect < new_aspect:
+        top = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
+    cropped = x.narrow(-2, top, old_h - top * 2).narrow(-1, left, old_w - left * 2)
+    return F.interpolate(cropped, size=(height, width), mode="nearest-exact")
+
+
 def _fit_bchw(x: torch.Tensor, width: int, height: int, mode: str) -> torch.Tensor:
     h, w = x.shape[-2:]
     if (h, w) == (height, width):
         return x
+    if mode == BUILTIN_RESIZE:
+        return _builtin_fit(x, width, height)
     nh, nw = scaled_size(h, w, height, width, mode)
     if mode == "just resize":
         return _interpolate(x, height, width)

@@ -35,3 +35,55 @@ def ui_workflows() -> list[Path]:
 def api_twin(ui: Path) -> Path | None:
     p = ui.parent / "api" / ui.name
     return p if p.is_file() else None
+
+
+def convert_graph() -> dict:
+    """A graph of built-in ControlNet nodes for the converter's menu command: a ControlNetApplyAdvanced (both
+    prompts) then a positive-only ControlNetApply (so one ControlNet reaches the cond rows only), on the host's
+    random SD1.5 models."""
+    loader = {"class_type": "ControlNetLoader"}
+    return {
+        "1": {
+            "class_type": "CheckpointLoaderSimple",
+            "inputs": {"ckpt_name": "controlstack_random_sd15.safetensors"},
+        },
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {**loader, "inputs": {"control_net_name": "controlstack_random_sd15_canny.safetensors"}},
+        "6": {"class_type": "LoadImage", "inputs": {"image": "controlstack_canny_hint.png"}},
+        "7": {
+            "class_type": "ControlNetApplyAdvanced",
+            "inputs": {
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "control_net": ["5", 0],
+                "image": ["6", 0],
+                "strength": 0.8,
+                "start_percent": 0.0,
+                "end_percent": 0.7,
+            },
+        },
+        "8": {**loader, "inputs": {"control_net_name": "controlstack_random_sd15_scribble.safetensors"}},
+        "9": {
+            "class_type": "ControlNetApply",
+            "inputs": {"conditioning": ["7", 0], "control_net": ["8", 0], "image": ["6", 0], "strength": 0.6},
+        },
+        "10": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": 5,
+                "steps": 2,
+                "cfg": 6.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["9", 0],
+                "negative": ["7", 1],
+                "latent_image": ["4", 0],
+                "denoise": 1.0,
+            },
+        },
+        "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "cs_convert"}},
+    }

@@ -31,6 +31,7 @@ from browser_helpers import (
     MODES_DECAY,
     MODES_WORKFLOW,
     api_twin,
+    convert_graph,
     ui_workflows,
 )
 
@@ -156,6 +157,8 @@ def browser_run(browser_server: host.ComfyServer) -> dict[str, Any]:
     if KIND_WORKFLOW in {wf["name"] for wf in workflows}:
         # Load ControlNet's kind badge: a T2I-Adapter workflow, then the combo switched to these files.
         job["kinds"] = {"workflow": KIND_WORKFLOW, "classic": KIND_CLASSIC, "missing": KIND_MISSING}
+    # the converter's menu command on a graph of built-in nodes (browser_helpers.CONVERT_GRAPH)
+    job["convert"] = {"api": convert_graph()}
     if MODES_WORKFLOW in {wf["name"] for wf in workflows}:
         # Last: classic then Nodes 2.0, one ApplyHint + ControlScale in a subgraph, one run each.
         job["modes"] = {"workflow": MODES_WORKFLOW, "decay": MODES_DECAY, "seed": 101}

@@ -843,6 +843,32 @@ async function presetAndEdit(page, nodeId) {
 }
 
 /**
+ * The "Convert ControlNet nodes to ControlStack" command on a graph of built-in nodes (job.convert.api, loaded with
+ * app.loadApiJson): graphToPrompt() before, after, and after one undo; the server's answer; whether the command is
+ * registered in the menu's command store.
+ */
+async function convertOnPage(page, { api }) {
+  return page.evaluate(async (api) => {
+    const app = window.app;
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    app.loadApiJson(api, "controlstack-convert");
+    await sleep(300);
+    const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+    tracker?.checkState?.();
+    const before = (await app.graphToPrompt()).output;
+    const commands = app.extensionManager?.command?.commands ?? [];
+    const registered = commands.some?.((c) => c.id === window.ControlStackConvert.CONVERT_COMMAND) ?? null;
+    const result = await window.ControlStackConvert.convertOpenGraph();
+    const after = (await app.graphToPrompt()).output;
+    const undoDepth = tracker?.undoQueue?.length ?? null;
+    await tracker.undo();
+    await sleep(300);
+    const restored = (await app.graphToPrompt()).output;
+    return { before, after, restored, registered, undoDepth, applied: result.applied, report: result.report };
+  }, api);
+}
+
+/**
  * One renderer (classic graph canvas or Nodes 2.0) over `wf`: load it, move one ApplyHint + ControlScale into a
  * subgraph, read the root chart, run (seed `seed`, so the host samples again), read both hint previews and the
  * chart inside the subgraph; in Nodes 2.0 also drag a bar and edit the widgets.
@@ -1002,6 +1028,14 @@ async function main() {
         result.kinds = await kindBadges(page, wf, errs, artifactDir, job.kinds);
       } catch (e) {
         result.kinds = { error: String(e?.stack || e) };
+      }
+    }
+    if (job.convert) {
+      log("convert");
+      try {
+        result.convert = await convertOnPage(page, job.convert);
+      } catch (e) {
+        result.convert = { error: String(e?.stack || e) };
       }
     }
     if (job.modes) {

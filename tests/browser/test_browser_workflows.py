@@ -356,3 +356,41 @@ def test_nodes2_drag_and_edits(browser_run: dict[str, Any]) -> None:
     # the chart redrew on its own canvas after the edits
     assert rec["chart_after_edit"]["draws"] > rec["root_chart"]["draws"]
     assert rec["chart_after_edit"]["values"] == pytest.approx(after["values"], abs=6e-3)
+
+
+def _canonical(prompt: dict[str, Any]) -> list[str]:
+    """An API graph without its node ids: each node as its class and inputs, links replaced by the source node's
+    own canonical form (so two graphs that differ only in ids compare equal)."""
+
+    def sig(nid: str, seen: tuple = ()) -> str:
+        node = prompt[nid]
+        parts = []
+        for name, value in sorted(node["inputs"].items()):
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) in prompt and nid not in seen:
+                parts.append(f"{name}=<{sig(str(value[0]), (*seen, nid))}>[{value[1]}]")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                parts.append(f"{name}={float(value)!r}")  # the page writes 0 where Python writes 0.0
+            else:
+                parts.append(f"{name}={json.dumps(value)}")
+        return f"{node['class_type']}({', '.join(parts)})"
+
+    return sorted(sig(nid) for nid in prompt)
+
+
+def test_convert_menu_command_rewrites_the_open_graph_and_undo_restores_it(
+    browser_run: dict[str, Any],
+) -> None:
+    """The menu command on a graph of built-in nodes: the graph then equals the CLI's conversion of the same graph
+    (node ids aside), the command is in the menu's command store, and one undo gives back the original."""
+    from controlstack.convert import convert_api
+
+    rec = browser_run["convert"]
+    assert "error" not in rec, rec.get("error")
+    assert rec["registered"] is True
+    assert rec["applied"] and len(rec["report"]["converted"]) == 1 and not rec["report"]["unchanged"], rec[
+        "report"
+    ]
+    expected = convert_api(rec["before"]).prompt
+    assert _canonical(rec["after"]) == _canonical(expected)
+    assert not any(n["class_type"].startswith("ControlNet") for n in rec["after"].values())
+    assert rec["restored"] == rec["before"]

@@ -164,3 +164,28 @@ def stacked_graph(
             image = [str(15 + i), 0]
         model = add_controlstack(g, str(7 + i), SD15_CONTROLNETS[i], image, model, strength=strength)
     return set_sampler(g, model=model)
+
+
+DIFFERENCE_FILE = "cs_test_difference.safetensors"
+
+
+def difference_file(server, host_models: dict[str, Path]) -> str:
+    """A "difference" ControlNet (the canny file minus the base UNet, with a "difference" key) in
+    BASE/models/controlnet, built once; returns its name. Loaded with the base MODEL it equals the canny file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(server.base_dir) / "models" / "controlnet" / DIFFERENCE_FILE
+    if not path.is_file():
+        canny = load_file(str(host_models["canny"]))
+        diff = {}
+        with safe_open(str(host_models["checkpoint"]), "pt") as ckpt:
+            base_keys = set(ckpt.keys())
+            for key, value in canny.items():
+                base_key = "model.diffusion_model." + key.removeprefix("control_model.")
+                base = ckpt.get_tensor(base_key).float() if base_key in base_keys else None
+                subtract = base is not None and base.shape == value.shape
+                diff[key] = value.float() - base if subtract else value.float()
+        diff["difference"] = torch.zeros(1)
+        save_file(diff, str(path))
+    return DIFFERENCE_FILE

@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from graphs import add_builtin, add_controlstack, base_graph, rel_err, run_latent, set_sampler
+from graphs import (
+    add_builtin,
+    add_controlstack,
+    base_graph,
+    difference_file,
+    rel_err,
+    run_latent,
+    set_sampler,
+)
 from host import PromptFailed, PromptRejected
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -187,22 +195,7 @@ def test_odd_grayscale_and_rgba_hints_work(comfy_server, files, unpatched, varia
 
 def test_difference_controlnet_needs_and_uses_the_base_model(comfy_server, files, host_models):
     """A "difference" file (ControlNet - base UNet) loaded with the base MODEL connected equals the full file."""
-    from safetensors import safe_open
-
-    diff_path = Path(comfy_server.base_dir) / "models" / "controlnet" / "cs_test_difference.safetensors"
-    if not diff_path.is_file():
-        canny = load_file(str(host_models["canny"]))
-        diff = {}
-        with safe_open(str(host_models["checkpoint"]), "pt") as ckpt:
-            base_keys = set(ckpt.keys())
-            for key, value in canny.items():
-                base_key = "model.diffusion_model." + key.removeprefix("control_model.")
-                base = ckpt.get_tensor(base_key).float() if base_key in base_keys else None
-                subtract = base is not None and base.shape == value.shape
-                diff[key] = value.float() - base if subtract else value.float()
-        diff["difference"] = torch.zeros(1)
-        save_file(diff, str(diff_path))
-
+    difference_file(comfy_server, host_models)
     g = base_graph(files["a"])
     model = add_controlstack(g, "7", "cs_test_difference.safetensors", ["6", 0], ["1", 0])
     with pytest.raises(PromptFailed, match="difference"):

@@ -1,0 +1,414 @@
+"""Convert ControlNet graphs built on ComfyUI's built-in nodes into ControlStack graphs (API format).
+
+The built-in nodes put control on the conditioning path: each apply node copies the CONDITIONING it is given and
+attaches a ControlNet to it, and the sampler runs each cond's ControlNets with the UNet rows of that cond.
+ControlStack puts control on the model path: Apply ControlNet Hint patches the MODEL the sampler gets. For one
+sampler, the two are the same when every ControlNet sits on the whole positive (and negative) prompt:
+
+- a chain of apply nodes directly in front of a sampler's positive / negative inputs (built-in nodes only, nothing
+  between them and the sampler) becomes a chain of Apply ControlNet Hint nodes on the sampler's MODEL, in the same
+  order, with the same strength, window and hint, and the built-in's hint fitting (`BUILTIN_RESIZE`);
+- which UNet rows each ControlNet reaches follows the host's rules exactly (comfy/samplers.py,
+  ``apply_empty_x_to_equal_area``): an apply node seen by both prompts is "balanced"; one seen by the positive prompt
+  only reaches the cond rows only ("ControlNet is more important", uncond rows x 0) -- unless the last apply node on
+  the positive prompt is the old ``ControlNetApply`` (it sets ``control_apply_to_uncond``) and the negative prompt
+  has no ControlNet at all, in which case the host copies the positive's ControlNets to the negative: all balanced;
+- strength 0 makes a built-in apply node a pass-through, so it is dropped;
+- loaders become Load ControlNet ("difference" loaders keep their MODEL), ``SetUnionControlNetType`` becomes
+  ControlNet Union Type with the built-in's fusion maths.
+
+Everything else is left as it is and named in the report with the reason: control on a part of the conditioning
+(areas, combined / concatenated conds, anything between an apply node and the sampler), on the negative prompt
+only, a ControlNet whose outputs also feed a node that is not converted, an apply node with a VAE input (DiT
+ControlNets), a strength from another node, Advanced-ControlNet's nodes. A sampler is converted completely or not
+at all, so a graph never mixes both paths for one sampler (the host's uncond rule would then change).
+
+Pure Python on the JSON (no host, no torch at import): used by the CLI (``python -m controlstack.convert``) and by
+the server route behind the frontend's menu command (nodes/routes.py), which applies the same result to the open
+graph (web/convert.js).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+Link = list  # [node id, output slot]
+Prompt = dict[str, dict[str, Any]]
+
+BUILTIN_RESIZE = "crop and resize (nearest, as built-in)"
+"""preprocessors/resize.py's mode that equals the built-in's hint fitting (kept as a literal here so the converter
+imports no torch; tests/unit/test_convert_rules.py checks they are equal)."""
+LAYER_NAMES = tuple(f"in_{i:02d}" for i in range(12)) + ("middle",)
+"""ControlScale's layer widgets (controlnet/stack.py LAYER_NAMES; checked equal by the unit test)."""
+PROMPT_DECAY = 0.825
+"""ControlScale's default base_multiplier (controlnet/stack.py PROMPT_DECAY; checked equal by the unit test)."""
+
+SAMPLERS = {
+    "KSampler": ("model", "positive", "negative"),
+    "KSamplerAdvanced": ("model", "positive", "negative"),
+    "SamplerCustom": ("model", "positive", "negative"),
+    "CFGGuider": ("model", "positive", "negative"),
+}
+"""Nodes that sample a MODEL with a positive and a negative prompt: (model input, positive input, negative input)."""
+APPLY_ADVANCED = "ControlNetApplyAdvanced"
+APPLY_POSITIVE = "ControlNetApply"
+APPLY_NODES = (APPLY_ADVANCED, APPLY_POSITIVE)
+LOADERS = {"ControlNetLoader": False, "DiffControlNetLoader": True}
+"""Built-in ControlNet loaders -> whether they take the base MODEL ("difference" files)."""
+UNION_TYPE = "SetUnionControlNetType"
+ADVANCED_CONTROLNET = {
+    "ACN_AdvancedControlNetApply",
+    "ACN_AdvancedControlNetApply_v2",
+    "ACN_ControlNetLoaderAdvanced",
+    "ControlNetLoaderAdvanced",
+    "DiffControlNetLoaderAdvanced",
+    "ACN_SparseCtrlLoaderAdvanced",
+    "TimestepKeyframe",
+    "LatentKeyframe",
+    "LatentKeyframeGroup",
+    "LatentKeyframeTiming",
+    "LatentKeyframeBatchedGroup",
+    "ScaledSoftControlNetWeights",
+    "SoftControlNetWeights",
+    "CustomControlNetWeights",
+    "ScaledSoftMaskedUniversalWeights",
+    "SoftT2IAdapterWeights",
+    "CustomT2IAdapterWeights",
+}
+"""ComfyUI-Advanced-ControlNet's control nodes: reported, not converted (no reference in the test host to prove a
+conversion renders the same; docs/convert.md)."""
+
+CS_LOAD = "ControlStackLoadControlNet"
+CS_UNION = "ControlStackUnionType"
+CS_APPLY = "ControlStackApplyHint"
+CS_SCALE = "ControlStackControlScale"
+MODE_CONTROL = "ControlNet is more important"
+FUSION_BUILTIN = "ComfyUI built-in"
+
+
+class Refused(Exception):
+    """A sampler's control that has no model-path equivalent; the message says why."""
+
+
+@dataclass
+class Report:
+    """What the conversion did: per sampler converted, per node left unchanged with the reason."""
+
+    converted: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = [f"converted: {len(self.converted)}, left unchanged: {len(self.unchanged)}"]
+        lines += [f"  converted  {c}" for c in self.converted]
+        lines += [f"  unchanged  {u}" for u in self.unchanged]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {"converted": list(self.converted), "unchanged": list(self.unchanged)}
+
+
+@dataclass
+class Conversion:
+    prompt: Prompt
+    """The converted API graph (the input is not changed)."""
+    report: Report
+    placed_near: dict[str, str]
+    """New node id -> the original node it stands for (the frontend puts it there)."""
+    removed: list[str]
+    """Original node ids no longer in the graph."""
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _name(prompt: Prompt, node_id: str) -> str:
+    node = prompt[node_id]
+    title = node.get("_meta", {}).get("title")
+    return f"{node['class_type']} (node {node_id}{f', {title!r}' if title and title != node['class_type'] else ''})"
+
+
+def _consumers(prompt: Prompt) -> dict[tuple[str, int], list[tuple[str, str]]]:
+    out: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for nid, node in prompt.items():
+        for name, value in node.get("inputs", {}).items():
+            if _is_link(value):
+                out.setdefault((str(value[0]), value[1]), []).append((nid, name))
+    return out
+
+
+def _upstream(prompt: Prompt, link: Link) -> Iterable[str]:
+    """Every node id the value of `link` is computed from (itself included)."""
+    seen: set[str] = set()
+    todo = [str(link[0])]
+    while todo:
+        nid = todo.pop()
+        if nid in seen or nid not in prompt:
+            continue
+        seen.add(nid)
+        todo += [str(v[0]) for v in prompt[nid].get("inputs", {}).values() if _is_link(v)]
+    return seen
+
+
+@dataclass
+class _Chain:
+    nodes: list[str]
+    """Apply nodes with a nonzero strength, nearest the sampler first."""
+    passed: list[str]
+    """Every apply node walked through (strength 0 included)."""
+    root: Link
+    """Where the prompt comes from once the apply nodes are skipped."""
+
+
+def _strength(prompt: Prompt, nid: str) -> float:
+    value = prompt[nid]["inputs"].get("strength", 1.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise Refused(f"{_name(prompt, nid)}: its strength comes from another node; set it on the node")
+    return float(value)
+
+
+def _walk(prompt: Prompt, link: Link, side: str) -> _Chain:
+    nodes: list[str] = []
+    passed: list[str] = []
+    while _is_link(link) and str(link[0]) in prompt:
+        nid, slot = str(link[0]), link[1]
+        node = prompt[nid]
+        kind = node["class_type"]
+        if kind == APPLY_ADVANCED:
+            if slot != (0 if side == "positive" else 1):
+                raise Refused(
+                    f"{_name(prompt, nid)}: its {('positive', 'negative')[slot]} output is the {side} prompt"
+                )
+            nxt = node["inputs"]["positive" if slot == 0 else "negative"]
+        elif kind == APPLY_POSITIVE:
+            nxt = node["inputs"]["conditioning"]
+        else:
+            break
+        passed.append(nid)
+        if _strength(prompt, nid) != 0.0:
+            nodes.append(nid)
+        link = nxt
+    return _Chain(nodes, passed, link)
+
+
+@dataclass
+class _Plan:
+    sampler: str
+    entries: list[tuple[str, str]]
+    """(apply node, "balanced" | "control"), applied first to last."""
+    positive: _Chain
+    negative: _Chain
+
+
+def _plan(prompt: Prompt, sid: str) -> _Plan:
+    model_in, pos_in, neg_in = SAMPLERS[prompt[sid]["class_type"]]
+    inputs = prompt[sid]["inputs"]
+    if not all(_is_link(inputs.get(k)) for k in (model_in, pos_in, neg_in)):
+        raise Refused("its model or prompts are not connected")
+    pos, neg = _walk(prompt, inputs[pos_in], "positive"), _walk(prompt, inputs[neg_in], "negative")
+    for chain, side in ((pos, "positive"), (neg, "negative")):
+        for nid in _upstream(prompt, chain.root):
+            kind = prompt[nid]["class_type"]
+            if kind in APPLY_NODES or kind in ADVANCED_CONTROLNET:
+                between = _name(prompt, str(chain.root[0]))
+                raise Refused(
+                    f"{_name(prompt, nid)} is applied before {between} on the {side} prompt: control on a part of "
+                    "the conditioning (areas, combined or concatenated prompts) has no model-path equivalent"
+                )
+    only_negative = [n for n in neg.nodes if n not in pos.nodes]
+    if only_negative:
+        raise Refused(f"{_name(prompt, only_negative[0])} acts on the negative prompt only")
+    for nid in pos.nodes:
+        node = prompt[nid]
+        if _is_link(node["inputs"].get("vae")):
+            raise Refused(
+                f"{_name(prompt, nid)} has a VAE input: a DiT ControlNet (Flux, SD3, ...), which ControlStack "
+                "does not run"
+            )
+    # the host copies the positive prompt's ControlNets to the negative prompt when the negative has none and the
+    # last apply node on the positive set control_apply_to_uncond (only ControlNetApply does)
+    copied = bool(pos.nodes) and not neg.nodes and prompt[pos.nodes[0]]["class_type"] == APPLY_POSITIVE
+    entries = [(nid, "balanced" if copied or nid in neg.nodes else "control") for nid in reversed(pos.nodes)]
+    return _Plan(sid, entries, pos, neg)
+
+
+def _control_net_sources(prompt: Prompt, link: Link) -> list[str]:
+    """The built-in nodes a CONTROL_NET link is made by (a loader, maybe a union-type node before it)."""
+    if not _is_link(link) or str(link[0]) not in prompt:
+        raise Refused("an apply node's control_net is not connected")
+    nid = str(link[0])
+    kind = prompt[nid]["class_type"]
+    if kind == UNION_TYPE:
+        return [nid, *_control_net_sources(prompt, prompt[nid]["inputs"]["control_net"])]
+    if kind not in LOADERS:
+        raise Refused(f"its ControlNet comes from {_name(prompt, nid)}, not a loader the converter knows")
+    return [nid]
+
+
+class _Builder:
+    def __init__(self, prompt: Prompt) -> None:
+        self.prompt = prompt
+        self.next_id = max((int(k) for k in prompt if str(k).isdigit()), default=0) + 1
+        self.placed_near: dict[str, str] = {}
+        self.memo: dict[Any, Link] = {}
+
+    def add(self, class_type: str, inputs: dict, title: str, near: str) -> str:
+        nid = str(self.next_id)
+        self.next_id += 1
+        self.prompt[nid] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+        self.placed_near[nid] = near
+        return nid
+
+    def control_net(self, link: Link) -> Link:
+        """The ControlStack control file for a built-in CONTROL_NET link (one per original node)."""
+        src = str(link[0])
+        if ("cn", src) in self.memo:
+            return self.memo[("cn", src)]
+        node = self.prompt[src]
+        kind, inputs = node["class_type"], node["inputs"]
+        title = node.get("_meta", {}).get("title") or kind
+        if kind in LOADERS:
+            new = {"control_net_name": inputs["control_net_name"]}
+            if LOADERS[kind]:
+                new["model"] = inputs["model"]
+            out = [self.add(CS_LOAD, new, title, src), 0]
+        elif kind == UNION_TYPE:
+            inner = self.control_net(inputs["control_net"])
+            new = {"control_net": inner, "control_type": inputs.get("type", "auto"), "fusion": FUSION_BUILTIN}
+            out = [self.add(CS_UNION, new, title, src), 0]
+        else:
+            raise Refused(
+                f"its ControlNet comes from {_name(self.prompt, src)}, not a loader the converter knows"
+            )
+        self.memo[("cn", src)] = out
+        return out
+
+    def control_scale(self, near: str) -> Link:
+        if "scale" not in self.memo:
+            inputs = {
+                "mode": MODE_CONTROL,
+                **{name: 1.0 for name in LAYER_NAMES},
+                "base_multiplier": PROMPT_DECAY,
+                "flip_weights": False,
+                "uncond_multiplier": 1.0,
+            }
+            self.memo["scale"] = [self.add(CS_SCALE, inputs, "ControlNet is more important", near), 0]
+        return self.memo["scale"]
+
+    def model_chain(self, model: Link, entries: list[tuple[str, str]]) -> Link:
+        """Apply ControlNet Hint nodes for `entries` on `model` (the same chain is built once per model)."""
+        key = ("chain", tuple(model), tuple(entries))
+        if key in self.memo:
+            return self.memo[key]
+        link = model
+        for nid, mode in entries:
+            node = self.prompt[nid]
+            inputs = node["inputs"]
+            new = {
+                "model": link,
+                "control_net": self.control_net(inputs["control_net"]),
+                "image": inputs["image"],
+                "strength": float(inputs.get("strength", 1.0)),
+                "start_percent": float(inputs.get("start_percent", 0.0)),
+                "end_percent": float(inputs.get("end_percent", 1.0)),
+                "resize_mode": BUILTIN_RESIZE,
+            }
+            if mode == "control":
+                new["scales"] = self.control_scale(nid)
+            title = node.get("_meta", {}).get("title") or node["class_type"]
+            link = [self.add(CS_APPLY, new, title, nid), 0]
+        self.memo[key] = link
+        return link
+
+
+def convert_api(prompt: Prompt) -> Conversion:
+    """Convert an API-format graph; returns the new graph (a copy), the report, and where new nodes belong."""
+    original = prompt
+    prompt = json.loads(json.dumps(prompt))
+    report = Report()
+    samplers = [nid for nid, n in prompt.items() if n.get("class_type") in SAMPLERS]
+    plans: dict[str, _Plan] = {}
+    refused: dict[str, str] = {}
+    for sid in samplers:
+        try:
+            plan = _plan(prompt, sid)
+            for nid, _ in plan.entries:
+                _control_net_sources(prompt, prompt[nid]["inputs"]["control_net"])
+            if plan.entries or plan.positive.passed or plan.negative.passed:
+                plans[sid] = plan
+        except Refused as e:
+            refused[sid] = str(e)
+    # an apply node whose outputs also feed something that is not converted stays, and so do its samplers
+    consumers = _consumers(prompt)
+    changed = True
+    while changed:
+        changed = False
+        allowed = {(sid, SAMPLERS[prompt[sid]["class_type"]][k]) for sid in plans for k in (1, 2)} | {
+            (nid, name)
+            for p in plans.values()
+            for nid in p.positive.passed + p.negative.passed
+            for name in ("positive", "negative", "conditioning")
+        }
+        for sid, plan in list(plans.items()):
+            for nid in plan.positive.passed + plan.negative.passed:
+                outside = [c for slot in (0, 1) for c in consumers.get((nid, slot), []) if c not in allowed]
+                if outside:
+                    refused[sid] = (
+                        f"{_name(prompt, nid)} also feeds {_name(prompt, outside[0][0])}, which is not converted"
+                    )
+                    del plans[sid]
+                    changed = True
+                    break
+    builder = _Builder(prompt)
+    for sid, plan in plans.items():
+        model_in, pos_in, neg_in = SAMPLERS[prompt[sid]["class_type"]]
+        inputs = prompt[sid]["inputs"]
+        inputs[model_in] = builder.model_chain(inputs[model_in], plan.entries)
+        inputs[pos_in], inputs[neg_in] = plan.positive.root, plan.negative.root
+        described = ", ".join(
+            f"{_name(original, nid)} -> {'balanced' if mode == 'balanced' else MODE_CONTROL!r}"
+            for nid, mode in plan.entries
+        )
+        report.converted.append(
+            f"{_name(original, sid)}: {described or 'only strength-0 apply nodes (dropped)'}"
+        )
+    for sid, why in refused.items():
+        report.unchanged.append(f"{_name(original, sid)}: {why}")
+    removed = _remove_unused(
+        prompt, {nid for p in plans.values() for nid in p.positive.passed + p.negative.passed}
+    )
+    for nid, node in original.items():
+        if nid in prompt and node.get("class_type") in ADVANCED_CONTROLNET:
+            report.unchanged.append(
+                f"{_name(original, nid)}: Advanced-ControlNet nodes are not converted yet (docs/convert.md)"
+            )
+    return Conversion(prompt, report, builder.placed_near, sorted(removed, key=_node_key))
+
+
+def _remove_unused(prompt: Prompt, applies: set[str]) -> set[str]:
+    """Drop the converted apply nodes, then the built-in loaders / union-type nodes they read that nothing reads
+    any more."""
+    sources = set()
+    for nid in applies:
+        try:
+            sources.update(_control_net_sources(prompt, prompt[nid]["inputs"].get("control_net")))
+        except Refused:
+            pass
+    for nid in applies:
+        del prompt[nid]
+    removed = set(applies)
+    while True:
+        used = {str(v[0]) for n in prompt.values() for v in n.get("inputs", {}).values() if _is_link(v)}
+        drop = [nid for nid in sources - removed if nid not in used]
+        if not drop:
+            return removed
+        removed.update(drop)
+        for nid in drop:
+            del prompt[nid]
+
+
+def _node_key(nid: str) -> tuple[int, str]:
+    return (int(nid), "") if nid.isdigit() else (1 << 62, nid)

@@ -1,0 +1,141 @@
+"""Through a real ComfyUI server: a graph built on the built-in ControlNet nodes and its ControlStack conversion
+(controlstack.convert) give the same final latent.
+
+The hint is 80 x 56 pixels for a 64 x 64 render, so the built-in's hint fitting (centre crop, nearest) is part of
+what is compared. Weights are the seeded random test models (zero convs too): a conversion that dropped a
+ControlNet, changed its window, strength or rows, or fitted the hint differently, fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from controlstack.convert import convert_api
+from controlstack.convert.workflow import CS_APPLY, LAYER_NAMES, MODE_CONTROL
+from graphs import SD15_CONTROLNETS, base_graph, difference_file, rel_err, run_latent, set_sampler
+from PIL import Image
+
+HINTS = ("cs_conv_a.png", "cs_conv_b.png")
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def hints(comfy_server):
+    rng = np.random.default_rng(31)
+    for name in HINTS:
+        pixels = rng.integers(0, 256, (56, 80, 3), dtype=np.uint8)  # H x W: not the render's shape
+        Image.fromarray(pixels).save(Path(comfy_server.base_dir) / "input" / name)
+    return HINTS
+
+
+def advanced(g: dict, nid: str, cond: tuple[list, list], cn: str, image: list, **kw) -> tuple[list, list]:
+    g[nid + "0"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": cn}}
+    g[nid] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {
+            "positive": cond[0],
+            "negative": cond[1],
+            "control_net": [nid + "0", 0],
+            "image": image,
+            "strength": 1.0,
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+            **kw,
+        },
+    }
+    return [nid, 0], [nid, 1]
+
+
+def positive_only(g: dict, nid: str, cond: list, cn: str, image: list, strength: float) -> list:
+    g[nid + "0"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": cn}}
+    g[nid] = {
+        "class_type": "ControlNetApply",
+        "inputs": {"conditioning": cond, "control_net": [nid + "0", 0], "image": image, "strength": strength},
+    }
+    return [nid, 0]
+
+
+def second_hint(g: dict) -> list:
+    g["16"] = {"class_type": "LoadImage", "inputs": {"image": HINTS[1]}}
+    return ["16", 0]
+
+
+def compare(server, g: dict, modes: list[str]) -> float:
+    """Run the original and its conversion; check the converted stack's modes; return the relative difference."""
+    set_sampler(g)
+    result = convert_api(g)
+    out = result.prompt
+    assert not result.report.unchanged, result.report.text()
+    stack, link = [], out["10"]["inputs"]["model"]
+    while out[link[0]]["class_type"] == CS_APPLY:
+        scales = out[link[0]]["inputs"].get("scales")
+        stack.append("balanced" if scales is None else out[scales[0]]["inputs"]["mode"])
+        link = out[link[0]]["inputs"]["model"]
+    assert list(reversed(stack)) == modes, result.report.text()
+    assert not any(n["class_type"].startswith("ControlNetApply") for n in out.values())
+    original = run_latent(server, g)
+    converted = run_latent(server, set_sampler(out))
+    plain = run_latent(server, set_sampler(base_graph(HINTS[0], steps=g["10"]["inputs"]["steps"])))
+    assert rel_err(original, plain) > 1e-3, (
+        "the original's control did nothing: the comparison could not fail"
+    )
+    err = rel_err(converted, original)
+    print(f"\n{modes}: converted vs original {err:.2e}")
+    return err
+
+
+def test_one_controlnet(comfy_server, hints):
+    g = base_graph(hints[0], steps=3)
+    g["10"]["inputs"]["positive"], g["10"]["inputs"]["negative"] = advanced(
+        g, "7", (["2", 0], ["3", 0]), SD15_CONTROLNETS[0], ["6", 0], strength=0.8
+    )
+    assert compare(comfy_server, g, ["balanced"]) <= TOLERANCE
+
+
+def test_two_chained_with_windows(comfy_server, hints):
+    g = base_graph(hints[0], steps=4)
+    cond = advanced(g, "7", (["2", 0], ["3", 0]), SD15_CONTROLNETS[0], ["6", 0], end_percent=0.6)
+    cond = advanced(g, "8", cond, SD15_CONTROLNETS[2], second_hint(g), strength=0.7, start_percent=0.3)
+    g["10"]["inputs"]["positive"], g["10"]["inputs"]["negative"] = cond
+    assert compare(comfy_server, g, ["balanced", "balanced"]) <= TOLERANCE
+
+
+def test_positive_only_apply_reaches_both_rows_when_the_negative_has_no_controlnet(comfy_server, hints):
+    """ComfyUI 0.3.75 copies a positive-only ControlNetApply to the negative prompt when that has no ControlNet
+    (control_apply_to_uncond), so the equivalent is "balanced", not "ControlNet is more important"."""
+    g = base_graph(hints[0], steps=3)
+    g["10"]["inputs"]["positive"] = positive_only(g, "7", ["2", 0], SD15_CONTROLNETS[0], ["6", 0], 0.9)
+    assert compare(comfy_server, g, ["balanced"]) <= TOLERANCE
+    # the cond-rows-only reading of "positive only" renders something else
+    out = convert_api(g).prompt
+    (apply,) = [n for n in out.values() if n["class_type"] == CS_APPLY]
+    out["90"] = {
+        "class_type": "ControlStackControlScale",
+        "inputs": {"mode": MODE_CONTROL, **{name: 1.0 for name in LAYER_NAMES}},
+    }
+    apply["inputs"]["scales"] = ["90", 0]
+    err = rel_err(run_latent(comfy_server, set_sampler(out)), run_latent(comfy_server, set_sampler(g)))
+    print(f"cond rows only instead: {err:.2e}")
+    assert err > 1e-3
+
+
+def test_positive_only_apply_next_to_a_negative_controlnet_reaches_the_cond_rows_only(comfy_server, hints):
+    g = base_graph(hints[0], steps=3)
+    pos, neg = advanced(g, "7", (["2", 0], ["3", 0]), SD15_CONTROLNETS[0], ["6", 0])
+    g["10"]["inputs"]["positive"] = positive_only(g, "8", pos, SD15_CONTROLNETS[1], second_hint(g), 0.9)
+    g["10"]["inputs"]["negative"] = neg
+    assert compare(comfy_server, g, ["balanced", MODE_CONTROL]) <= TOLERANCE
+
+
+def test_difference_controlnet(comfy_server, hints, host_models):
+    name = difference_file(comfy_server, host_models)
+    g = base_graph(hints[0], steps=3)
+    g["70"] = {"class_type": "DiffControlNetLoader", "inputs": {"model": ["1", 0], "control_net_name": name}}
+    pos, neg = advanced(g, "7", (["2", 0], ["3", 0]), name, ["6", 0])
+    g["7"]["inputs"]["control_net"] = ["70", 0]
+    del g["70"]  # advanced() made a plain loader under this id
+    g["70"] = {"class_type": "DiffControlNetLoader", "inputs": {"model": ["1", 0], "control_net_name": name}}
+    g["10"]["inputs"]["positive"], g["10"]["inputs"]["negative"] = pos, neg
+    assert compare(comfy_server, g, ["balanced"]) <= TOLERANCE

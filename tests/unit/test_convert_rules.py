@@ -1,0 +1,304 @@
+"""The workflow converter on API graphs (pure; tests/host/test_convert_renders_same.py proves the converted graphs render the
+same latents through a real server)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+from controlstack.controlnet.stack import LAYER_NAMES, PROMPT_DECAY
+from controlstack.convert import workflow as cw
+from controlstack.preprocessors.resize import BUILTIN_RESIZE
+
+
+def graph() -> dict:
+    """Checkpoint "1", prompts "2" / "3", latent "4", hint "6", KSampler "10" on "1"'s MODEL."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a house", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "LoadImage", "inputs": {"image": "hint.png"}},
+        "10": {
+            "class_type": "KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": 1,
+                "steps": 2,
+                "cfg": 6.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "denoise": 1.0,
+            },
+        },
+    }
+
+
+def advanced(g: dict, nid: str, pos: list, neg: list, cn: str = "cn.safetensors", **kw) -> tuple[list, list]:
+    g[nid + "0"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": cn}}
+    g[nid] = {
+        "class_type": "ControlNetApplyAdvanced",
+        "inputs": {
+            "positive": pos,
+            "negative": neg,
+            "control_net": [nid + "0", 0],
+            "image": ["6", 0],
+            "strength": 1.0,
+            "start_percent": 0.0,
+            "end_percent": 1.0,
+            **kw,
+        },
+    }
+    return [nid, 0], [nid, 1]
+
+
+def apply_positive(g: dict, nid: str, cond: list, strength: float = 1.0) -> list:
+    g[nid + "0"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "p.safetensors"}}
+    g[nid] = {
+        "class_type": "ControlNetApply",
+        "inputs": {
+            "conditioning": cond,
+            "control_net": [nid + "0", 0],
+            "image": ["6", 0],
+            "strength": strength,
+        },
+    }
+    return [nid, 0]
+
+
+def sample(g: dict, pos: list, neg: list) -> dict:
+    g["10"]["inputs"]["positive"], g["10"]["inputs"]["negative"] = pos, neg
+    return g
+
+
+def stack_of(prompt: dict, sampler: str = "10") -> list[dict]:
+    """The ApplyHint nodes reaching the sampler, first applied first."""
+    out = []
+    link = prompt[sampler]["inputs"]["model"]
+    while prompt[link[0]]["class_type"] == cw.CS_APPLY:
+        out.append(prompt[link[0]])
+        link = prompt[link[0]]["inputs"]["model"]
+    return list(reversed(out))
+
+
+def mode_of(prompt: dict, apply: dict) -> str:
+    scales = apply["inputs"].get("scales")
+    return "balanced" if scales is None else prompt[scales[0]]["inputs"]["mode"]
+
+
+def test_constants_equal_their_homes():
+    assert cw.BUILTIN_RESIZE == BUILTIN_RESIZE
+    assert cw.LAYER_NAMES == LAYER_NAMES
+    assert cw.PROMPT_DECAY == PROMPT_DECAY
+
+
+def test_one_advanced_apply_becomes_one_balanced_apply_hint():
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0], strength=0.7, start_percent=0.1, end_percent=0.8)
+    original = copy.deepcopy(sample(g, pos, neg))
+    result = cw.convert_api(g)
+    assert g == original, "the input graph is not changed"
+    out = result.prompt
+    assert not {"7", "70"} & set(out), "the built-in apply and loader are gone"
+    assert out["10"]["inputs"]["positive"] == ["2", 0] and out["10"]["inputs"]["negative"] == ["3", 0]
+    (apply,) = stack_of(out)
+    assert apply["inputs"]["model"] == ["1", 0] and apply["inputs"]["image"] == ["6", 0]
+    assert (
+        apply["inputs"]["strength"],
+        apply["inputs"]["start_percent"],
+        apply["inputs"]["end_percent"],
+    ) == (
+        0.7,
+        0.1,
+        0.8,
+    )
+    assert apply["inputs"]["resize_mode"] == BUILTIN_RESIZE and "scales" not in apply["inputs"]
+    loader = out[apply["inputs"]["control_net"][0]]
+    assert loader == {
+        "class_type": cw.CS_LOAD,
+        "inputs": {"control_net_name": "cn.safetensors"},
+        "_meta": {"title": "ControlNetLoader"},
+    }
+    assert result.removed == ["7", "70"]
+    assert set(result.placed_near.values()) == {"7", "70"}
+    assert len(result.report.converted) == 1 and not result.report.unchanged
+
+
+def test_a_chain_keeps_its_order_and_drops_strength_zero():
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0], cn="a.safetensors", end_percent=0.6)
+    pos, neg = advanced(g, "8", pos, neg, cn="b.safetensors", strength=0.0)
+    pos, neg = advanced(g, "9", pos, neg, cn="c.safetensors", start_percent=0.3)
+    out = cw.convert_api(sample(g, pos, neg)).prompt
+    names = [out[a["inputs"]["control_net"][0]]["inputs"]["control_net_name"] for a in stack_of(out)]
+    assert names == ["a.safetensors", "c.safetensors"]
+    assert not {"7", "8", "9", "70", "80", "90"} & set(out)
+
+
+def test_which_rows_a_controlnet_reaches_follows_the_host():
+    # ControlNetApply last on the positive prompt and no ControlNet on the negative: the host copies the positive's
+    # ControlNets to the negative (control_apply_to_uncond), so everything is balanced
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    pos = apply_positive(g, "8", pos)
+    g["3b"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["1", 1]}}
+    out = cw.convert_api(sample(g, pos, ["3b", 0])).prompt
+    assert [mode_of(out, a) for a in stack_of(out)] == ["balanced", "balanced"]
+    # alone on the positive prompt: copied too
+    g = graph()
+    out = cw.convert_api(sample(g, apply_positive(g, "8", ["2", 0]), ["3", 0])).prompt
+    assert [mode_of(out, a) for a in stack_of(out)] == ["balanced"]
+    # the negative has a ControlNet: nothing is copied, ControlNetApply reaches the cond rows only
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    out = cw.convert_api(sample(g, apply_positive(g, "8", pos), neg)).prompt
+    assert [mode_of(out, a) for a in stack_of(out)] == ["balanced", cw.MODE_CONTROL]
+    scale = out[stack_of(out)[1]["inputs"]["scales"][0]]["inputs"]
+    assert all(scale[n] == 1.0 for n in LAYER_NAMES) and scale["uncond_multiplier"] == 1.0
+    # an advanced apply whose negative output is not used (Advanced never sets the flag): cond rows only
+    g = graph()
+    pos, _ = advanced(g, "7", ["2", 0], ["3", 0])
+    out = cw.convert_api(sample(g, pos, ["3", 0])).prompt
+    assert [mode_of(out, a) for a in stack_of(out)] == [cw.MODE_CONTROL]
+
+
+def test_difference_loader_keeps_its_model_and_union_type_maps():
+    g = graph()
+    g["70"] = {
+        "class_type": "DiffControlNetLoader",
+        "inputs": {"model": ["1", 0], "control_net_name": "d.pth"},
+    }
+    g["71"] = {"class_type": "SetUnionControlNetType", "inputs": {"control_net": ["70", 0], "type": "depth"}}
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    g["7"]["inputs"]["control_net"] = ["71", 0]
+    del g["70"]  # advanced() made a plain loader "70"; use the difference one
+    g["70"] = {
+        "class_type": "DiffControlNetLoader",
+        "inputs": {"model": ["1", 0], "control_net_name": "d.pth"},
+    }
+    out = cw.convert_api(sample(g, pos, neg)).prompt
+    (apply,) = stack_of(out)
+    union = out[apply["inputs"]["control_net"][0]]
+    assert union["class_type"] == cw.CS_UNION
+    assert union["inputs"]["control_type"] == "depth" and union["inputs"]["fusion"] == cw.FUSION_BUILTIN
+    loader = out[union["inputs"]["control_net"][0]]
+    assert loader["class_type"] == cw.CS_LOAD and loader["inputs"] == {
+        "control_net_name": "d.pth",
+        "model": ["1", 0],
+    }
+    assert not {"70", "71"} & set(out)
+
+
+def test_two_samplers_on_one_model_share_one_chain():
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    sample(g, pos, neg)
+    g["11"] = copy.deepcopy(g["10"])
+    g["11"]["inputs"]["latent_image"] = ["10", 0]
+    out = cw.convert_api(g).prompt
+    assert out["10"]["inputs"]["model"] == out["11"]["inputs"]["model"]
+    assert len([n for n in out.values() if n["class_type"] == cw.CS_APPLY]) == 1
+
+
+def _refused(g: dict, match: str) -> None:
+    result = cw.convert_api(g)
+    assert result.prompt == g, "a refused sampler's graph is left exactly as it was"
+    assert not result.report.converted
+    assert any(match in line for line in result.report.unchanged), result.report.unchanged
+
+
+def test_what_has_no_model_path_equivalent_is_left_unchanged_and_named():
+    # control on a part of the conditioning: an area between the apply node and the sampler
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    g["12"] = {
+        "class_type": "ConditioningSetArea",
+        "inputs": {"conditioning": pos, "width": 32, "height": 32, "x": 0, "y": 0, "strength": 1.0},
+    }
+    _refused(sample(g, ["12", 0], neg), "control on a part of the conditioning")
+    # control on one of two combined positive prompts
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    g["12"] = {
+        "class_type": "ConditioningCombine",
+        "inputs": {"conditioning_1": pos, "conditioning_2": ["2", 0]},
+    }
+    _refused(sample(g, ["12", 0], neg), "ConditioningCombine (node 12)")
+    # the negative prompt only
+    g = graph()
+    _refused(sample(g, ["2", 0], apply_positive(g, "8", ["3", 0])), "acts on the negative prompt only")
+    # a ControlNet feeding a second sampler that cannot be converted (its positive goes through an area)
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    sample(g, pos, neg)
+    g["12"] = {
+        "class_type": "ConditioningSetArea",
+        "inputs": {"conditioning": pos, "width": 32, "height": 32, "x": 0, "y": 0, "strength": 1.0},
+    }
+    g["11"] = copy.deepcopy(g["10"])
+    g["11"]["inputs"]["positive"] = ["12", 0]
+    _refused(g, "also feeds ConditioningSetArea (node 12), which is not converted")
+    # a DiT ControlNet (its apply node has a VAE)
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0], vae=["1", 2])
+    _refused(sample(g, pos, neg), "DiT ControlNet")
+    # a ControlNet from a node the converter does not know
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    g["70"] = {"class_type": "ACN_ControlNetLoaderAdvanced", "inputs": {"control_net_name": "x"}}
+    _refused(sample(g, pos, neg), "not a loader the converter knows")
+    # a strength computed by another node
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0], strength=["99", 0])
+    g["99"] = {"class_type": "PrimitiveFloat", "inputs": {"value": 0.5}}
+    _refused(sample(g, pos, neg), "strength comes from another node")
+
+
+def test_advanced_controlnet_nodes_are_reported():
+    g = graph()
+    g["7"] = {
+        "class_type": "ACN_AdvancedControlNetApply",
+        "inputs": {"positive": ["2", 0], "negative": ["3", 0], "control_net": ["70", 0], "image": ["6", 0]},
+    }
+    g["70"] = {"class_type": "ControlNetLoaderAdvanced", "inputs": {"control_net_name": "x"}}
+    result = cw.convert_api(sample(g, ["7", 0], ["7", 1]))
+    assert result.prompt == g
+    assert sum("Advanced-ControlNet" in line for line in result.report.unchanged) == 2, (
+        result.report.unchanged
+    )
+
+
+def test_cli_writes_the_conversion_and_prints_the_report(tmp_path):
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    src, dst = tmp_path / "in.json", tmp_path / "out.json"
+    src.write_text(json.dumps(sample(g, pos, neg)))
+    run = subprocess.run(
+        [sys.executable, "-m", "controlstack.convert", str(src), str(dst)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "converted: 1, left unchanged: 0" in run.stdout
+    assert json.loads(dst.read_text()) == cw.convert_api(g).prompt
+    src.write_text(json.dumps({"nodes": [], "links": []}))
+    run = subprocess.run(
+        [sys.executable, "-m", "controlstack.convert", str(src), str(dst)], capture_output=True, text=True
+    )
+    assert run.returncode == 2 and "UI-format" in run.stderr
+
+
+@pytest.mark.parametrize("bad", ["[1, 2]", "{", '{"1": {"inputs": {}}}'])
+def test_cli_names_what_is_wrong_with_the_file(tmp_path, bad):
+    src = tmp_path / "in.json"
+    src.write_text(bad)
+    run = subprocess.run(
+        [sys.executable, "-m", "controlstack.convert", str(src), str(tmp_path / "o.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and str(src) in run.stderr
