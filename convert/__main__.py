@@ -1,4 +1,5 @@
-"""python -m controlstack.convert IN.json OUT.json: convert a workflow's built-in ControlNet nodes to ControlStack.
+"""python -m controlstack.convert IN.json OUT.json: convert a workflow's built-in ControlNet nodes to ControlStack
+(UI or API format).
 
 Prints the report (what was converted, what was left unchanged and why). Exit code 0 when the file was written,
 2 when it cannot be read or is not a workflow.
@@ -11,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from .ui_format import convert_ui
 from .workflow import convert_api
 
 
@@ -18,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m controlstack.convert", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("input", type=Path, help="workflow JSON (API format: ComfyUI's 'Export (API)')")
+    parser.add_argument("input", type=Path, help="workflow JSON, UI format (a saved workflow) or API format")
     parser.add_argument("output", type=Path, help="where to write the converted workflow")
     args = parser.parse_args(argv)
     try:
@@ -26,18 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"cannot read {args.input}: {e}", file=sys.stderr)
         return 2
-    if not isinstance(graph, dict) or "nodes" in graph:
+    if isinstance(graph, dict) and isinstance(graph.get("nodes"), list):
+        converted, result = convert_ui(graph)
+    elif (
+        isinstance(graph, dict)
+        and graph
+        and all(isinstance(n, dict) and "class_type" in n for n in graph.values())
+    ):
+        result = convert_api(graph)
+        converted = result.prompt
+    else:
         print(
-            f"{args.input} is a UI-format workflow: open it in ComfyUI and use the menu command 'Convert ControlNet "
-            "nodes to ControlStack', or convert its 'Export (API)' file here",
+            f"{args.input} is not a ComfyUI workflow: expected the UI format (nodes, links) or the API format "
+            "(node id -> {class_type, inputs})",
             file=sys.stderr,
         )
         return 2
-    if not all(isinstance(n, dict) and "class_type" in n for n in graph.values()):
-        print(f"{args.input} is not an API-format workflow (every node needs a class_type)", file=sys.stderr)
-        return 2
-    result = convert_api(graph)
-    args.output.write_text(json.dumps(result.prompt, indent=2) + "\n", encoding="utf-8")
+    args.output.write_text(json.dumps(converted, indent=2) + "\n", encoding="utf-8")
     print(result.report.text())
     print(f"written: {args.output}")
     return 0

@@ -19,8 +19,7 @@ sampler, the two are the same when every ControlNet sits on the whole positive (
 
 Everything else is left as it is and named in the report with the reason: control on a part of the conditioning
 (areas, combined / concatenated conds, anything between an apply node and the sampler), on the negative prompt
-only, a ControlNet whose outputs also feed a node that is not converted, an apply node with a VAE input (DiT
-ControlNets), a strength from another node, Advanced-ControlNet's nodes. A sampler is converted completely or not
+only, a ControlNet whose outputs also feed a node that is not converted, DiT models and ControlNets (by file name), a strength from another node, Advanced-ControlNet's nodes. A sampler is converted completely or not
 at all, so a graph never mixes both paths for one sampler (the host's uncond rule would then change).
 
 Pure Python on the JSON (no host, no torch at import): used by the CLI (``python -m controlstack.convert``) and by
@@ -80,6 +79,22 @@ ADVANCED_CONTROLNET = {
 }
 """ComfyUI-Advanced-ControlNet's control nodes: reported, not converted (no reference in the test host to prove a
 conversion renders the same; docs/convert.md)."""
+
+DIT_MARKERS = (
+    "sd3",
+    "flux",
+    "hunyuan",
+    "qwen",
+    "hidream",
+    "wan2",
+    "wan_",
+    "cosmos",
+    "auraflow",
+    "lumina",
+    "chroma",
+)
+"""File-name marks of DiT models and their ControlNets (the converter sees names only; a DiT file that slips through
+is still refused, with its name, by Load ControlNet when the graph runs)."""
 
 CS_LOAD = "ControlStackLoadControlNet"
 CS_UNION = "ControlStackUnionType"
@@ -221,18 +236,32 @@ def _plan(prompt: Prompt, sid: str) -> _Plan:
     only_negative = [n for n in neg.nodes if n not in pos.nodes]
     if only_negative:
         raise Refused(f"{_name(prompt, only_negative[0])} acts on the negative prompt only")
+    # DiT ControlNets (their apply node also takes a VAE, but so may an SD one, which ignores it): by file name
+    names = [
+        (nid, prompt[nid]["inputs"].get(key))
+        for nid in _upstream(prompt, inputs[model_in])
+        for key in ("ckpt_name", "unet_name")
+    ]
     for nid in pos.nodes:
-        node = prompt[nid]
-        if _is_link(node["inputs"].get("vae")):
+        names += [(src, prompt[src]["inputs"].get("control_net_name")) for src in _loaders(prompt, nid)]
+    for nid, file in names:
+        if isinstance(file, str) and any(m in file.lower() for m in DIT_MARKERS):
             raise Refused(
-                f"{_name(prompt, nid)} has a VAE input: a DiT ControlNet (Flux, SD3, ...), which ControlStack "
-                "does not run"
+                f"{_name(prompt, nid)} loads {file!r}, a DiT model or ControlNet (Flux, SD3, ...) by its name; "
+                "ControlStack runs SD1.x / SD2.x / SDXL control"
             )
     # the host copies the positive prompt's ControlNets to the negative prompt when the negative has none and the
     # last apply node on the positive set control_apply_to_uncond (only ControlNetApply does)
     copied = bool(pos.nodes) and not neg.nodes and prompt[pos.nodes[0]]["class_type"] == APPLY_POSITIVE
     entries = [(nid, "balanced" if copied or nid in neg.nodes else "control") for nid in reversed(pos.nodes)]
     return _Plan(sid, entries, pos, neg)
+
+
+def _loaders(prompt: Prompt, apply_id: str) -> list[str]:
+    try:
+        return _control_net_sources(prompt, prompt[apply_id]["inputs"].get("control_net"))
+    except Refused:
+        return []
 
 
 def _control_net_sources(prompt: Prompt, link: Link) -> list[str]:
@@ -249,9 +278,11 @@ def _control_net_sources(prompt: Prompt, link: Link) -> list[str]:
 
 
 class _Builder:
-    def __init__(self, prompt: Prompt) -> None:
+    def __init__(self, prompt: Prompt, first_new_id: int | None = None) -> None:
         self.prompt = prompt
         self.next_id = max((int(k) for k in prompt if str(k).isdigit()), default=0) + 1
+        if first_new_id is not None:
+            self.next_id = max(self.next_id, first_new_id)
         self.placed_near: dict[str, str] = {}
         self.memo: dict[Any, Link] = {}
 
@@ -324,8 +355,9 @@ class _Builder:
         return link
 
 
-def convert_api(prompt: Prompt) -> Conversion:
-    """Convert an API-format graph; returns the new graph (a copy), the report, and where new nodes belong."""
+def convert_api(prompt: Prompt, first_new_id: int | None = None) -> Conversion:
+    """Convert an API-format graph; returns the new graph (a copy), the report, and where new nodes belong.
+    New nodes get ids from `first_new_id` on (default: after the largest id)."""
     original = prompt
     prompt = json.loads(json.dumps(prompt))
     report = Report()
@@ -362,7 +394,7 @@ def convert_api(prompt: Prompt) -> Conversion:
                     del plans[sid]
                     changed = True
                     break
-    builder = _Builder(prompt)
+    builder = _Builder(prompt, first_new_id)
     for sid, plan in plans.items():
         model_in, pos_in, neg_in = SAMPLERS[prompt[sid]["class_type"]]
         inputs = prompt[sid]["inputs"]

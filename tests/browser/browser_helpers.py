@@ -87,3 +87,16 @@ def convert_graph() -> dict:
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "cs_convert"}},
     }
+
+
+CONVERT_TEMPLATE = "controlnet_example"
+"""ComfyUI's own ControlNet example template (UI format), dropped on the page for the converter's menu command."""
+
+
+def convert_template() -> dict:
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("comfyui_workflow_templates_media_image")
+    assert spec and spec.origin, "ComfyUI's workflow templates are not installed"
+    return json.loads((Path(spec.origin).parent / "templates" / f"{CONVERT_TEMPLATE}.json").read_text())

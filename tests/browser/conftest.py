@@ -32,8 +32,10 @@ from browser_helpers import (
     MODES_WORKFLOW,
     api_twin,
     convert_graph,
+    convert_template,
     ui_workflows,
 )
+from controlstack.convert import convert_ui
 
 BROWSER_DIR = Path(__file__).resolve().parent
 REPO = host.REPO
@@ -158,7 +160,8 @@ def browser_run(browser_server: host.ComfyServer) -> dict[str, Any]:
         # Load ControlNet's kind badge: a T2I-Adapter workflow, then the combo switched to these files.
         job["kinds"] = {"workflow": KIND_WORKFLOW, "classic": KIND_CLASSIC, "missing": KIND_MISSING}
     # the converter's menu command on a graph of built-in nodes (browser_helpers.CONVERT_GRAPH)
-    job["convert"] = {"api": convert_graph()}
+    template = convert_template()
+    job["convert"] = {"api": convert_graph(), "ui": template, "ui_converted": convert_ui(template)[0]}
     if MODES_WORKFLOW in {wf["name"] for wf in workflows}:
         # Last: classic then Nodes 2.0, one ApplyHint + ControlScale in a subgraph, one run each.
         job["modes"] = {"workflow": MODES_WORKFLOW, "decay": MODES_DECAY, "seed": 101}

@@ -847,11 +847,26 @@ async function presetAndEdit(page, nodeId) {
  * app.loadApiJson): graphToPrompt() before, after, and after one undo; the server's answer; whether the command is
  * registered in the menu's command store.
  */
-async function convertOnPage(page, { api }) {
-  return page.evaluate(async (api) => {
+async function convertOnPage(page, { api, ui, ui_converted: uiConverted }) {
+  const out = await convertOneOnPage(page, { api });
+  if (ui) {
+    // a UI file dropped on the page (a ComfyUI template), then the CLI's conversion of the same file
+    out.ui = await convertOneOnPage(page, { ui });
+    out.ui.cli = await page.evaluate(async (g) => {
+      await window.app.loadGraphData(g);
+      await new Promise((r) => setTimeout(r, 300));
+      return (await window.app.graphToPrompt()).output;
+    }, uiConverted);
+  }
+  return out;
+}
+
+async function convertOneOnPage(page, { api, ui }) {
+  return page.evaluate(async ({ api, ui }) => {
     const app = window.app;
     const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-    app.loadApiJson(api, "controlstack-convert");
+    if (ui) await app.loadGraphData(ui);
+    else app.loadApiJson(api, "controlstack-convert");
     await sleep(300);
     const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
     tracker?.checkState?.();
@@ -865,7 +880,7 @@ async function convertOnPage(page, { api }) {
     await sleep(300);
     const restored = (await app.graphToPrompt()).output;
     return { before, after, restored, registered, undoDepth, applied: result.applied, report: result.report };
-  }, api);
+  }, { api, ui });
 }
 
 /**
@@ -1032,10 +1047,18 @@ async function main() {
     }
     if (job.convert) {
       log("convert");
+      // its own page: a dropped template opens a workflow (and may show a missing-models dialog) that must not
+      // stay for the steps after it
+      let own = null;
       try {
-        result.convert = await convertOnPage(page, job.convert);
+        own = await openApp(context, `${base}/`, { newPage: true });
+        await closeDialogs(own.page);
+        result.convert = await convertOnPage(own.page, job.convert);
+        result.convert.page_errors = own.pageErrors.slice(0, 20);
       } catch (e) {
         result.convert = { error: String(e?.stack || e) };
+      } finally {
+        await own?.page?.close();
       }
     }
     if (job.modes) {

@@ -394,3 +394,18 @@ def test_convert_menu_command_rewrites_the_open_graph_and_undo_restores_it(
     assert _canonical(rec["after"]) == _canonical(expected)
     assert not any(n["class_type"].startswith("ControlNet") for n in rec["after"].values())
     assert rec["restored"] == rec["before"]
+
+
+def test_convert_menu_command_on_a_dropped_template_equals_the_cli(browser_run: dict[str, Any]) -> None:
+    """ComfyUI's ControlNet example template (UI format) on the page, then the menu command: graphToPrompt() equals
+    the API conversion of the original's graphToPrompt(), and so does the CLI's UI conversion of the file loaded
+    on the page; undo restores the original."""
+    from controlstack.convert import convert_api
+
+    rec = browser_run["convert"]["ui"]
+    assert "error" not in rec, rec.get("error")
+    assert rec["applied"] and not rec["report"]["unchanged"], rec["report"]
+    expected = _canonical(convert_api(rec["before"]).prompt)
+    assert _canonical(rec["after"]) == expected
+    assert _canonical(rec["cli"]) == expected
+    assert rec["restored"] == rec["before"]
