@@ -22,7 +22,7 @@ Everything else is left as it is and named in the report with the reason: contro
 only, a ControlNet whose outputs also feed a node that is not converted, DiT models and ControlNets (by file name), a strength from another node, Advanced-ControlNet's nodes. A sampler is converted completely or not
 at all, so a graph never mixes both paths for one sampler (the host's uncond rule would then change).
 
-Pure Python on the JSON (no host, no torch at import): used by the CLI (``python -m controlstack.convert``) and by
+Pure Python on the JSON (no host import; the constants come from their homes in controlnet/ and preprocessors/): used by the CLI (``python -m controlstack.convert``) and by
 the server route behind the frontend's menu command (nodes/routes.py), which applies the same result to the open
 graph (web/convert.js).
 """
@@ -34,16 +34,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..controlnet.stack import LAYER_NAMES, PROMPT_DECAY
+from ..preprocessors.resize import BUILTIN_RESIZE
+
 Link = list  # [node id, output slot]
 Prompt = dict[str, dict[str, Any]]
-
-BUILTIN_RESIZE = "crop and resize (nearest, as built-in)"
-"""preprocessors/resize.py's mode that equals the built-in's hint fitting (kept as a literal here so the converter
-imports no torch; tests/unit/test_convert_rules.py checks they are equal)."""
-LAYER_NAMES = tuple(f"in_{i:02d}" for i in range(12)) + ("middle",)
-"""ControlScale's layer widgets (controlnet/stack.py LAYER_NAMES; checked equal by the unit test)."""
-PROMPT_DECAY = 0.825
-"""ControlScale's default base_multiplier (controlnet/stack.py PROMPT_DECAY; checked equal by the unit test)."""
 
 SAMPLERS = {
     "KSampler": ("model", "positive", "negative"),

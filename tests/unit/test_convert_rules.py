@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from controlstack.controlnet.stack import LAYER_NAMES, PROMPT_DECAY
+from controlstack.controlnet.stack import LAYER_NAMES
 from controlstack.convert import workflow as cw
 from controlstack.preprocessors.resize import BUILTIN_RESIZE
 
@@ -90,12 +90,6 @@ def stack_of(prompt: dict, sampler: str = "10") -> list[dict]:
 def mode_of(prompt: dict, apply: dict) -> str:
     scales = apply["inputs"].get("scales")
     return "balanced" if scales is None else prompt[scales[0]]["inputs"]["mode"]
-
-
-def test_constants_equal_their_homes():
-    assert cw.BUILTIN_RESIZE == BUILTIN_RESIZE
-    assert cw.LAYER_NAMES == LAYER_NAMES
-    assert cw.PROMPT_DECAY == PROMPT_DECAY
 
 
 def test_one_advanced_apply_becomes_one_balanced_apply_hint():
