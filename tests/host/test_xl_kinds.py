@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from controlstack.convert import convert_api
 from graphs import add_builtin, add_controlstack, base_graph, rel_err, run_latent, set_sampler
 from host import PromptFailed, PromptRejected
 from PIL import Image
@@ -112,6 +113,12 @@ def test_union_single_hint_equals_builtin(xl, unpatched):
     g = xl_graph("cs_xl_hint_a.png")
     ours_graph = set_sampler(g, model=_union_ours(g, ["1", 0], "7", "depth", "ComfyUI built-in"))
     _, builtin = _compare(xl, unpatched, builtin_graph, ours_graph, "Union (ComfyUI fusion) vs built-in")
+    # the same built-in graph through the workflow converter (SetUnionControlNetType -> Union Type, built-in fusion)
+    conversion = convert_api(builtin_graph)
+    assert conversion.report.converted and not conversion.report.unchanged, conversion.report.text()
+    converted = run_latent(xl, set_sampler(conversion.prompt))
+    print(f"Union with a type, converted vs built-in graph: {rel_err(converted, builtin):.3e}")
+    assert rel_err(converted, builtin) <= 1e-4
     g = xl_graph("cs_xl_hint_a.png")
     reference = run_latent(xl, set_sampler(g, model=_union_ours(g, ["1", 0], "7", "depth", "reference")))
     token = rel_err(reference, builtin)
