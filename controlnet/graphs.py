@@ -10,16 +10,24 @@ tested on the CPU with a stand-in capture (tests/unit/test_graphs.py):
 - a capture that fails turns graphs off for the rest of the cache's life (logged once): capture is an optimisation
   and must never fail a render.
 
-Lifetime today: one sampling run (the stack's `StackRun` owns one and drops it at `end()`), because a captured step
-reads the run's encoded hints from the run's caches. To keep graphs across runs later, the owner keeps a `StepGraphs`
-across runs and calls `clear()` when what a graph closes over changes (the stack, device placement, weights); the
-key already names everything that is not fixed by those.
+Lifetime (the steady state): a cache belongs to one stack and outlives its sampling runs, so the second and later
+runs of an unchanged stack (the usual "Queue" with a new seed) replay from their first step, with no warm-up and no
+capture. What a captured step reads must then outlive a run too:
+
+- `keep(key, tensor)` gives every per-run tensor a graph reads (encoded hints, masks, per-row multipliers, T2I
+  features) one buffer per key for the cache's life: a later run's value is copied into it, so replay reads the new
+  run's numbers at the old address;
+- `bind(owner, placement)` starts each run: a different owner (stack) or weight placement (any weight's device,
+  address, dtype or shape: the host moved, offloaded or recast a ControlNet) drops every graph and buffer, since a
+  replay would read the old addresses; a placement of None (some weight is not on the step's device: partially
+  loaded, run layer by layer by the host) means no graphs for the run, never a stale replay;
+- one run at a time (`acquire` / `release`): a second run of the same stack while one is in progress runs eagerly.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -70,17 +78,79 @@ def graph_key(
     )
 
 
+Placement = tuple
+"""Where every weight of a stack's modules sits: (device, ((address, dtype, shape) per tensor)) (`placement_of`)."""
+
+
+def placement_of(modules: Iterable[torch.nn.Module], device: torch.device) -> Placement | None:
+    """The placement of the modules' weights, or None when any of them is not on `device` (the host keeps part of
+    a model elsewhere and moves or casts it per layer: addresses that a replay would read change under it)."""
+    out = []
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            if t.device != device:
+                return None
+            out.append((t.data_ptr(), t.dtype, tuple(t.shape)))
+    return (device, tuple(out))
+
+
 class StepGraphs:
-    """Capture-on-second-sight cache of stack steps, keyed by `graph_key`."""
+    """Capture-on-second-sight cache of stack steps, keyed by `graph_key`, with the buffers its graphs read."""
 
     def __init__(self, capture: Capture | None = None, device_types: Sequence[str] = ("cuda",)) -> None:
         """`capture` defaults to a real CUDA capture; `device_types` are the devices whose steps it can capture
         (tests pass a stand-in capture and ("cpu",))."""
+        self._given_capture = capture
         self._capture = capture or CudaCapture()
         self._device_types = tuple(device_types)
         self.enabled = True
         self._graphs: dict[tuple, CapturedStep] = {}
         self._seen: set[tuple] = set()
+        self._kept: dict[Hashable, torch.Tensor] = {}
+        self._owner: object | None = None
+        self._placement: Placement | None = None
+        self.in_use = False
+
+    def __deepcopy__(self, memo: dict) -> StepGraphs:
+        # Host options are deep-copied at times; graphs and buffers are not copyable: the copy starts empty.
+        return StepGraphs(self._given_capture, self._device_types)
+
+    def acquire(self) -> bool:
+        """Take the cache for one run; False when another run holds it (that run then goes without graphs)."""
+        if self.in_use:
+            return False
+        self.in_use = True
+        return True
+
+    def release(self) -> None:
+        self.in_use = False
+
+    def bind(self, owner: object, placement: Placement | None) -> bool:
+        """Start a run of `owner` with its weights at `placement`; whether the run may use graphs. A new owner or
+        placement drops what was captured for the old one; None (weights off the device) drops it too. Call once
+        per run, before its first step."""
+        if placement is None or owner is not self._owner or placement != self._placement:
+            if self._graphs or self._kept:
+                log.debug("ControlStack: the stack or its weights changed; dropping its CUDA graphs")
+            self.clear()
+            self._owner, self._placement = owner, placement
+        # Captured steps stay; what was seen does not: a layout first met in this run warms up in this run (its
+        # eager pass fills this run's caches), so nothing is fitted or copied from the host inside a capture.
+        self._seen.clear()
+        return self.enabled and placement is not None
+
+    def keep(self, key: Hashable, tensor: torch.Tensor) -> torch.Tensor:
+        """The buffer for `key` that captured steps read, holding `tensor`'s values: the first tensor kept under a
+        key becomes its buffer, later ones are copied into it (same key, same layout: the key names the shapes)."""
+        if not self.enabled or tensor.device.type not in self._device_types:
+            return tensor
+        buffer = self._kept.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            self._kept[key] = tensor
+            return tensor
+        if buffer is not tensor:
+            buffer.copy_(tensor)
+        return buffer
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -110,21 +180,35 @@ class StepGraphs:
         return graph.replay(*inputs)
 
     def clear(self) -> None:
-        """Drop every captured step (and what was seen): the next sight of a layout is a warm-up again."""
+        """Drop every captured step, what was seen and every kept buffer: the next sight of a layout is a warm-up."""
         self._graphs.clear()
         self._seen.clear()
+        self._kept.clear()
 
 
 class CudaCapture:
-    """Captures a step in a `torch.cuda.CUDAGraph`; every graph of one cache shares one memory pool."""
+    """Captures a step in a `torch.cuda.CUDAGraph`. Every graph of one cache shares one memory pool and one set of
+    static input buffers per input layout: steps replay one at a time, each copying its inputs in first."""
 
     def __init__(self) -> None:
         self._pool = None
+        self._inputs: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, compute: StepCompute, inputs: StepInputs) -> CapturedStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        return _CudaStep(compute, inputs, self._pool)
+        return _CudaStep(compute, tuple(self._static(i, t) for i, t in enumerate(inputs)), self._pool)
+
+    def _static(self, slot: int, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        key = (slot, tuple(t.shape), t.dtype, t.device)
+        buffer = self._inputs.get(key)
+        if buffer is None:
+            buffer = self._inputs[key] = t.clone()
+        else:
+            buffer.copy_(t)
+        return buffer
 
 
 class _CudaStep:
@@ -133,9 +217,9 @@ class _CudaStep:
     overwrites them."""
 
     def __init__(self, compute: StepCompute, inputs: StepInputs, pool) -> None:
-        x, timesteps, context, y = inputs
-        self.x, self.t, self.context = x.clone(), timesteps.clone(), context.clone()
-        self.y = None if y is None else y.clone()
+        self.x, self.t, self.context, self.y = (
+            inputs  # the capture's shared static buffers, holding these inputs
+        )
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires

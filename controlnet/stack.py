@@ -19,7 +19,9 @@ What makes it fast (see docs/performance.md):
 - entries outside their window are skipped, not multiplied by zero; strength 0 entries are never called;
 - residuals are accumulated in place into one set of buffers;
 - on CUDA the whole per-step stack computation is captured once per (shapes, active entries) in a CUDA graph and
-  replayed (controlnet/graphs.py): the ControlNet pass is launch-bound, so this is where most of the time goes.
+  replayed (controlnet/graphs.py): the ControlNet pass is launch-bound, so this is where most of the time goes. The
+  patcher keeps one graph cache per stack, so later runs of an unchanged stack replay from their first step; the
+  control report is measured inside the captured step, so reporting keeps the fast path.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 
 from .checks import check_window, finite_float
 from .errors import ControlNetError
-from .graphs import StepGraphs, graph_key
+from .graphs import StepGraphs, graph_key, placement_of
+from .report import layer_magnitudes
 from .schedule import FrameStrengths, Schedule, ScheduleCursor, frame_rows
 
 log = logging.getLogger(__name__)
@@ -58,9 +61,10 @@ HintFitter = Callable[["StackEntry", str, int, int], torch.Tensor]
 """(entry, "hint" | "mask", height_px, width_px) -> the entry's hint (B x 3 x H x W in [0, 1]) or mask (B x H x W)
 fitted to the generation size with the entry's resize mode, so hint and mask stay aligned."""
 
-StepObserver = Callable[[int, "float | None", Sequence[torch.Tensor], float], None]
-"""(entry index, sigma, its applied residuals, its applied strength: strength x schedule) -> None; called for every
-active entry at every UNet call (the control report). Setting an observer turns CUDA-graph replay off for the run."""
+StepObserver = Callable[[int, "float | None", torch.Tensor, float], None]
+"""(entry index, sigma, its `layer_magnitudes` (mean |applied residual| per layer: a float32 tensor on the device that
+the observer may keep), its applied strength: strength x schedule) -> None; called for every active entry at every
+UNet call (the control report). The magnitudes are computed inside the step, so replayed CUDA graphs report too."""
 
 
 def mode_scales(
@@ -350,19 +354,24 @@ class ResidualStack:
 
         `percent_to_sigma` maps sampling progress (0 = first step, 1 = last) to the noise level the sampler passes
         (the host model's own schedule; tests use `lambda p: 1.0 - p`). `observer` sees every active entry's
-        applied residuals at every step (the control report); it turns CUDA graphs off for the run, since a replayed
-        graph calls no Python. `graphs` replaces the run's CUDA-graph cache (tests pass one with a stand-in
-        capture). Free the run with `StackRun.end()` (or use it as a context manager).
+        per-layer magnitudes at every step (the control report). `graphs` is a CUDA-graph cache that outlives the
+        run (the patcher keeps one per stack; tests pass one with a stand-in capture): the run holds it until
+        `end()`, and runs without graphs when another run holds it. Without one, the run makes its own and drops it
+        at `end()`. Free the run with `StackRun.end()` (or use it as a context manager).
         """
         windows = [(percent_to_sigma(e.start_percent), percent_to_sigma(e.end_percent)) for e in self.entries]
-        if not use_cuda_graphs or observer is not None:
+        owns_graphs = False
+        if not use_cuda_graphs:
             graphs = None
         elif graphs is None:
-            graphs = StepGraphs()
+            graphs, owns_graphs = StepGraphs(), True
+        elif not graphs.acquire():
+            log.debug("ControlStack: this stack's CUDA graphs are held by another run; this one runs eagerly")
+            graphs = None
         cursors = [
             None if e.schedule is None else ScheduleCursor(e.schedule, percent_to_sigma) for e in self.entries
         ]
-        return StackRun(self, windows, hint_fitter, graphs, observer, cursors)
+        return StackRun(self, windows, hint_fitter, graphs, observer, cursors, owns_graphs)
 
     # A step needs a run: these fail loudly instead of quietly starting one with a made-up schedule.
     control = _needs_run("control")
@@ -387,6 +396,7 @@ class StackRun:
         graphs: StepGraphs | None,
         observer: StepObserver | None,
         cursors: Sequence[ScheduleCursor | None] | None = None,
+        owns_graphs: bool = True,
     ) -> None:
         self.stack = stack
         self.entries = stack.entries
@@ -394,6 +404,9 @@ class StackRun:
         self._windows = sigma_windows
         self._hint_fitter = hint_fitter
         self._graphs = graphs
+        self._owns_graphs = owns_graphs
+        self._graphs_bound: bool | None = None
+        """Whether this run's steps go through `_graphs` (decided at its first step, once x's device is known)."""
         self._encoded: dict = {}
         self._masks: dict = {}
         self._row_masks: dict = {}
@@ -405,11 +418,17 @@ class StackRun:
         self._ended = False
 
     def end(self) -> None:
-        """Free every per-run buffer (encoded hints, captured graphs); the run cannot be used afterwards."""
+        """Free every per-run buffer and hand the graph cache back (or drop it, when the run made its own); the run
+        cannot be used afterwards."""
         self._ended = True
-        if self._graphs is not None:
-            self._graphs.clear()  # a captured step reads this run's encoded hints: it must not outlive them
-        self._graphs = None
+        graphs, self._graphs = self._graphs, None
+        if graphs is not None and not self._owns_graphs:
+            # Its graphs and kept buffers stay for the stack's next run; this run's caches point at those buffers
+            # (what a captured step reads) and go with the run object.
+            graphs.release()
+            return
+        if graphs is not None:
+            graphs.clear()
         for cache in (self._encoded, self._masks, self._row_masks, self._static, self._groups):
             cache.clear()
 
@@ -497,19 +516,65 @@ class StackRun:
         def compute(x, timesteps, context, y) -> list[torch.Tensor | None]:
             return self._compute(groups, chunks, dtype, x, timesteps, context, y, sigma, window)
 
+        reporting = self.observer is not None
         # Only forwards that depend on x are worth a graph: T2I features are added from per-run buffers.
         dynamic = any(self.entries[g[0]].injection != "input" for g in groups)
-        graphs = self._graphs
-        if graphs is not None and dynamic and graphs.covers(x.device):
+        if dynamic and self._use_graphs(x.device):
+            self._refresh(groups, x, chunks, window)
             # A captured step closes over its scheduled values (python floats) and its window's hint rows: both
             # are part of the key, so a changed value runs eagerly first (a fade is eager; a hold is captured).
             scheduled = tuple(self.scheduled[i] for g in groups for i in g)
-            key = (graph_key(groups, chunks, dtype, x, timesteps, context, y), scheduled, window)
-            slots = graphs.step(key, compute, (x, timesteps, context, y))
+            key = (graph_key(groups, chunks, dtype, x, timesteps, context, y), scheduled, window, reporting)
+            slots = self._graphs.step(key, compute, (x, timesteps, context, y))  # type: ignore[union-attr]
         else:
             slots = compute(x, timesteps, context, y)
+        if reporting:
+            slots, stats = slots[: -len(groups)], slots[-len(groups) :]
+            for group, magnitudes in zip(groups, stats, strict=True):
+                for idx in group:  # a copy: a replayed step overwrites its outputs at the next replay
+                    strength = self.entries[idx].strength * self.scheduled[idx]
+                    self.observer(idx, sigma, magnitudes.clone(), strength)  # type: ignore[misc]
         n = (len(slots) + 1) // 2
         return StepControl(output=list(slots[: n - 1]), input=list(slots[n:]), middle=slots[n - 1])
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        """Whether this run's steps go through its graph cache: decided once per run, binding the cache to this
+        stack and to where its weights sit now (a moved or partly loaded ControlNet drops or skips the graphs)."""
+        graphs = self._graphs
+        if graphs is None or not graphs.covers(device):
+            return False
+        if self._graphs_bound is None:
+            modules = {id(e.controlnet): e.controlnet for e in self.entries}.values()
+            self._graphs_bound = graphs.bind(self.stack, placement_of(modules, device))
+        return self._graphs_bound and graphs.enabled
+
+    def _refresh(
+        self,
+        groups: tuple[tuple[int, ...], ...],
+        x: torch.Tensor,
+        chunks: tuple[int, ...],
+        window: Window | None,
+    ) -> None:
+        """Before a step that may be replayed: put this run's encoded hints (fitted, so previews are sent each run)
+        and T2I features at the current scheduled value into the kept buffers a replay reads. Cache hits after the
+        first step of a run; masks and row multipliers depend on the stack and the layout only, kept as they are."""
+        for group in groups:
+            lead = self.entries[group[0]]
+            dtype = _dtype_of(lead.controlnet)
+            if lead.injection == "input":
+                self._static_applied(group[0], x, chunks, dtype, window)
+                continue
+            for idx in group:
+                self._encoded_hint(idx, x, chunks, dtype, window)
+
+    def _keep(self, cache: str, key: tuple, value):
+        """`value` (a tensor, or a list / dict of them) in the graph cache's kept buffers, when this run's steps
+        may be replayed: a captured step reads them at their address, in this run and in later ones."""
+        graphs = self._graphs
+        if graphs is None or not self._graphs_bound:
+            return value
+        counter = iter(range(1 << 30))
+        return _map_tensors(value, lambda t: graphs.keep((cache, key, next(counter)), t))
 
     def residuals(
         self,
@@ -541,13 +606,15 @@ class StackRun:
         sigma: float | None,
         window: Window | None = None,
     ) -> list[torch.Tensor | None]:
-        """The eager step: run each group's forward, scale, mask, and add into one flat set of slot buffers."""
+        """The eager step: run each group's forward, scale, mask, and add into one flat set of slot buffers; when
+        the run reports, each group's `layer_magnitudes` follow the slots (inside the step: captured with it)."""
         n = self.entries[groups[0][0]].controlnet.num_residuals
         if any(self.entries[g[0]].controlnet.num_residuals != n for g in groups):
             raise ControlNetError(
                 "the stacked control modules have different layer counts: they are for different UNet families"
             )
         out: list[torch.Tensor | None] = [None] * (2 * n - 1)
+        stats: list[torch.Tensor] = []
         for group in groups:
             lead = self.entries[group[0]]
             cn = lead.controlnet
@@ -558,8 +625,7 @@ class StackRun:
             else:
                 applied, fresh = self._forward(group, chunks, x, timesteps, context, y, dtype, window), True
             if self.observer is not None:
-                for idx in group:
-                    self.observer(idx, sigma, applied, self.entries[idx].strength * self.scheduled[idx])
+                stats.append(layer_magnitudes(applied))
             for i, r in enumerate(applied):
                 if r is None:
                     continue
@@ -569,7 +635,7 @@ class StackRun:
                     out[s] = r.to(out_dtype) if fresh or r.dtype != out_dtype else r.clone()
                 else:
                     out[s].add_(r)  # type: ignore[union-attr]
-        return out
+        return [*out, *stats]
 
     def _forward(
         self,
@@ -652,6 +718,7 @@ class StackRun:
                     r = r * row_mult
                 r = r.contiguous()
             applied.append(r)
+        applied = self._keep("static", key, applied)
         self._static[key] = (value, applied)
         return applied
 
@@ -721,7 +788,7 @@ class StackRun:
             encoded,
             lambda t: window_rows(t, x.shape[0], len(chunks), window, f"{entry.name}: hint").contiguous(),
         )
-        self._encoded[key] = full
+        self._encoded[key] = full = self._keep("hint", key, full)
         return full
 
     def _mask_at(
@@ -748,7 +815,7 @@ class StackRun:
             hit = window_rows(
                 resized.to(dtype), x.shape[0], chunks, window, f"{entry.name}: mask"
             ).contiguous()
-            self._masks[key] = hit
+            self._masks[key] = hit = self._keep("mask", key, hit)
         return hit
 
     def _row_mult(
@@ -770,7 +837,7 @@ class StackRun:
         rows = [f * (1.0 if c == COND else uncond) for c in chunks for f in frames]
         hit = None
         if any(r != 1.0 for r in rows):
-            hit = torch.tensor(rows, dtype=dtype, device=x.device).view(-1, 1, 1, 1)
+            hit = self._keep("rows", key, torch.tensor(rows, dtype=dtype, device=x.device).view(-1, 1, 1, 1))
         self._row_masks[key] = hit
         return hit
 
@@ -829,9 +896,8 @@ class AttentionPatch:
             return
         for idx, cells in self.magnitudes.items():
             if any(c is not None for c in cells):
-                self.observer(
-                    idx, self.sigma, cells, self.run.entries[idx].strength * self.run.scheduled[idx]
-                )
+                strength = self.run.entries[idx].strength * self.run.scheduled[idx]
+                self.observer(idx, self.sigma, layer_magnitudes(cells), strength)
         self.magnitudes = {}
 
     def __call__(

@@ -29,6 +29,7 @@ import torch
 
 from ..controlnet import ControlNetError
 from ..controlnet.control_lora import control_lora_family
+from ..controlnet.graphs import StepGraphs
 from ..controlnet.kinds import KIND_NAMES, file_kind, load_control
 from ..controlnet.loading import read_tensors
 from ..controlnet.stack import ResidualStack, StackEntry, StackRun, StepControl, Window, kind_of
@@ -283,6 +284,9 @@ class StackWrapper:
         self.stack = stack
         self.previews = previews or {}
         self.use_cuda_graphs = os.environ.get("CONTROLSTACK_CUDA_GRAPHS", "1") != "0"
+        # The stack's CUDA graphs and the buffers they read outlive a sampling run: the next run of this MODEL (a
+        # new seed, the next frame) replays from its first step. Dropped with the MODEL, or when the weights move.
+        self.graphs = StepGraphs()
 
     # OUTER_SAMPLE: one sampling run
     def outer_sample(self, executor, *args, **kwargs):
@@ -296,6 +300,7 @@ class StackWrapper:
             hint_fitter=self._fit,
             use_cuda_graphs=self.use_cuda_graphs,
             observer=options.get(OBSERVER_OPTION),
+            graphs=self.graphs,
         )
         options[RUN_OPTION] = run
         try:

@@ -25,6 +25,8 @@ def test_controlnet_bench_tiny_runs_and_agrees_with_builtin(tmp_path, host_model
     assert {r["n"] for r in ours} == {2}
     for r in ours:  # fp32 on the CPU: the stack equals ComfyUI's built-in path
         assert r["rel_err_vs_builtin"] <= 1e-4, r
+    reported = [r for r in ours if r["variant"].endswith("+ report")]
+    assert reported and all(r["rel_err_vs_no_report"] == 0.0 for r in reported), "the report changes nothing"
 
 
 def test_preprocessor_bench_quick_runs():

@@ -181,9 +181,7 @@ def test_the_observer_belongs_to_one_model_clone_and_the_report_matches_it(setup
     seen = []
     observed = patched.clone()
     observed.model_options.setdefault("transformer_options", {})[patcher.OBSERVER_OPTION] = (
-        lambda idx, sigma, applied, strength: seen.append(
-            (idx, sigma, [r.abs().mean().item() for r in applied])
-        )
+        lambda idx, sigma, magnitudes, strength: seen.append((idx, sigma, magnitudes.tolist()))
     )
     watched = patcher.ksample(observed, **SAMPLE, **conds)["samples"]
     assert torch.equal(watched, plain), "observing changes nothing"

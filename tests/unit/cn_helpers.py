@@ -90,6 +90,18 @@ def tiny_controlnet(family: str = "sd1", seed: int = 0) -> ControlNet:
     return random_controlnet(TINY[family], seed)
 
 
+SD1_SLOTS = ControlNetConfig(
+    "sd1",
+    model_channels=32,
+    context_dim=32,
+    channel_mult=(1, 2, 2, 2),
+    transformer_depth=(1, 1, 0, 0, 0, 0, 0, 0),
+    transformer_depth_middle=1,
+)
+"""A small SD1-shaped ControlNet config with SD1's 13 residual slots (4 levels of 2 ResBlocks), as T2I-Adapters
+have: mixed stacks need equal layer counts."""
+
+
 def sdxl_cond(
     config: ControlNetConfig, batch: int, seed: int = 0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cn_helpers import random_inputs, tiny_controlnet
-from controlstack.controlnet.report import StackRecorder
+from controlstack.controlnet.report import StackRecorder, layer_magnitudes
 from controlstack.controlnet.stack import ResidualStack, StackEntry
 
 pytestmark = pytest.mark.unit
@@ -21,16 +21,16 @@ def const(value: float, shape=(2, 3, 4, 4)) -> torch.Tensor:
 def test_table_has_one_column_per_noise_level_and_exact_means():
     rec = StackRecorder(num_entries=2)
     # step 1 (sigma 14.6): entry 0 on three layers (the middle one unused by its kind), entry 1 on two
-    rec(0, 14.6, [const(1.0), None, const(-3.0)])
-    rec(1, 14.6, [const(0.5), const(0.25)])
+    rec(0, 14.6, layer_magnitudes([const(1.0), None, const(-3.0)]))
+    rec(1, 14.6, layer_magnitudes([const(0.5), const(0.25)]))
     # step 2 (sigma 7.0): entry 0 only
-    rec(0, 7.0, [const(2.0), const(4.0), const(0.5)])
+    rec(0, 7.0, layer_magnitudes([const(2.0), const(4.0), const(0.5)]))
     # a second model call at sigma 7.0 (Heun, DPM2): same column, the larger value per layer
-    rec(0, 7.0, [const(1.0), const(6.0), const(0.25)])
+    rec(0, 7.0, layer_magnitudes([const(1.0), const(6.0), const(0.25)]))
     # step 3 (sigma 1.5): entry 1 only, half the rows zero (e.g. uncond rows in "ControlNet is more important")
     r = const(0.8)
     r[:1] = 0
-    rec(1, 1.5, [r, const(0.1)])
+    rec(1, 1.5, layer_magnitudes([r, const(0.1)]))
 
     assert rec.sigmas == [14.6, 7.0, 1.5]
     t0, t1 = rec.table([3, 2])
@@ -43,7 +43,7 @@ def test_table_has_one_column_per_noise_level_and_exact_means():
 def test_lllite_cells_and_an_empty_run():
     rec = StackRecorder(num_entries=1)
     # LLLite hands per-slot scalars (the largest mean |term| per layer), None where no module sits
-    rec(0, None, [None, torch.tensor(0.125), None, torch.tensor(-0.5)])
+    rec(0, None, layer_magnitudes([None, torch.tensor(0.125), None, torch.tensor(-0.5)]))
     (table,) = rec.table([4])
     assert table[:, 0].tolist() == [0.0, 0.125, 0.0, 0.5]
     (empty,) = StackRecorder(num_entries=1).table([4])
