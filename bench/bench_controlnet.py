@@ -4,7 +4,11 @@ One process, one card: the host without ControlNets, the host's built-in Control
 and ControlStack (eager, and with CUDA-graph replay — the default on CUDA) sample the same random full-size models
 with the host's own sampler (euler, CFG batch of 2). Per-step time is the median over repeats of a whole sampling
 run divided by its steps, timed with CUDA events after a warm-up run; the table prints ms/step, the ratio to the
-host without ControlNets, peak GPU memory, and ControlStack's host-side (Python) time per ControlNet per step.
+host without ControlNets, peak GPU memory, and ControlStack's host-side (Python) time per ControlNet per step (the
+median over calls, timed after the warm-up run). ControlStack's graph cache outlives a run, so only the warm-up run
+captures: its extra time over a timed run is the "first run" column. The "+ report" rows sample with the Sampler
+node's control report recorder (the report is measured inside the replayed step) and give its latent's difference
+to the same stack sampled without the report (0 expected).
 
     .venv/bin/python bench/bench_controlnet.py            # GPU: SD1.5 512^2 (N = 1, 2, 3) and SDXL 1024^2 (N = 1, 2)
     .venv/bin/python bench/bench_controlnet.py --tiny     # CPU smoke test: SD1.5 at 64^2, 2 steps, N = 2
@@ -164,7 +168,11 @@ def run_case(comfy, model, positive, negative, latent, steps, repeats, device, s
             disable_pbar=True, seed=seed,
         )  # fmt: skip
 
+    t0 = time.perf_counter()
     out = sample()  # warm-up: loads weights, captures graphs, autotunes
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -182,7 +190,8 @@ def run_case(comfy, model, positive, negative, latent, steps, repeats, device, s
             out = sample()
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return statistics.median(times) / steps, peak, out
+    run_s = statistics.median(times)
+    return run_s / steps, peak, out, first_s - run_s
 
 
 def bench_family(comfy, family, size, steps, counts, repeats, device, rows):
@@ -198,7 +207,7 @@ def bench_family(comfy, family, size, steps, counts, repeats, device, rows):
     label = f"{family} {size}^2"
 
     say(f"{family}: timing the host without ControlNets")
-    base_s, base_peak, _ = run_case(comfy, model, positive, negative, latent, steps, repeats, device)
+    base_s, base_peak, _, _ = run_case(comfy, model, positive, negative, latent, steps, repeats, device)
     rows.append({"case": label, "variant": "host, no ControlNet", "n": 0, "ms": base_s * 1e3, "ratio": 1.0,
                  "peak_gib": base_peak})  # fmt: skip
 
@@ -209,7 +218,7 @@ def bench_family(comfy, family, size, steps, counts, repeats, device, rows):
             cn = comfy.controlnet.load_controlnet_state_dict({k: v.clone() for k, v in sds[i].items()})
             pos, neg = apply_builtin(pos, neg, cn, hint, 1.0, 0.0, 1.0)
         say(f"{family}: built-in x{n}")
-        s, peak, ref = run_case(comfy, model, pos, neg, latent, steps, repeats, device)
+        s, peak, ref, _ = run_case(comfy, model, pos, neg, latent, steps, repeats, device)
         rows.append({"case": label, "variant": "ComfyUI built-in", "n": n, "ms": s * 1e3, "ratio": s / base_s,
                      "peak_gib": peak})  # fmt: skip
         del pos, neg, cn
@@ -222,16 +231,27 @@ def bench_family(comfy, family, size, steps, counts, repeats, device, rows):
             patched = patcher.apply_hint(patched, host_cn, entry)
         wrapper = patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, patcher.KEY)[0]
         eager_out = None
-        modes = [("ControlStack eager", False)]
+        plain_out: dict[bool, torch.Tensor] = {}
+        modes = [("ControlStack eager", False, False)]
         if device.type == "cuda":
-            modes.append(("ControlStack + CUDA graphs", True))
-        for name, graphs in modes:
+            modes.append(("ControlStack + CUDA graphs", True, False))
+        modes.append((modes[-1][0] + " + report", modes[-1][1], True))
+        for name, graphs, report in modes:
             wrapper.use_cuda_graphs = graphs
             say(f"{family}: {name} x{n}")
+            sampled = patched
+            if report:  # what the Sampler node does (patcher.sample_with_report), kept for every run
+                from controlstack.controlnet.report import StackRecorder
+
+                sampled = patched.clone()
+                options = sampled.model_options.setdefault("transformer_options", {})
+                options[patcher.OBSERVER_OPTION] = StackRecorder(n)
             timer = Timer()
             original = timer.install()
             try:
-                s, peak, out = run_case(comfy, patched, positive, negative, latent, steps, repeats, device)
+                s, peak, out, first = run_case(
+                    comfy, sampled, positive, negative, latent, steps, repeats, device
+                )
             finally:
                 from controlstack.controlnet.stack import StackRun
 
@@ -240,10 +260,14 @@ def bench_family(comfy, family, size, steps, counts, repeats, device, rows):
             host_ms = statistics.median(timer.durations) * 1e3 if timer.durations else float("nan")
             err = rel_err(out, ref)
             row = {"case": label, "variant": name, "n": n, "ms": s * 1e3, "ratio": s / base_s, "peak_gib": peak,
-                   "host_ms_per_cn": host_ms / n, "rel_err_vs_builtin": err}  # fmt: skip
+                   "host_ms_per_cn": host_ms / n, "rel_err_vs_builtin": err, "first_run_extra_s": first}  # fmt: skip
+            if report:
+                row["rel_err_vs_no_report"] = rel_err(out, plain_out[graphs])
+            else:
+                plain_out[graphs] = out
             if eager_out is None:
                 eager_out = out
-            else:
+            elif not report:
                 row["rel_err_vs_eager"] = rel_err(out, eager_out)
             rows.append(row)
         del patched, wrapper
@@ -256,7 +280,7 @@ def print_table(rows, device_name):
     print(
         f"\nControlStack benchmark on {device_name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}"
     )
-    head = f"| {'case':<10} | {'variant':<27} | {'N':>2} | {'ms/step':>8} | {'ratio':>6} | {'peak GiB':>8} | {'host ms/CN/step':>15} | {'rel err vs built-in':>30} |"
+    head = f"| {'case':<10} | {'variant':<36} | {'N':>2} | {'ms/step':>8} | {'ratio':>6} | {'peak GiB':>8} | {'host ms/CN/step':>15} | {'first run +s':>12} | {'rel err vs built-in':>30} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
@@ -264,8 +288,11 @@ def print_table(rows, device_name):
         err = f"{r['rel_err_vs_builtin']:.2e}" if "rel_err_vs_builtin" in r else ""
         if "rel_err_vs_eager" in r:
             err += f" ({r['rel_err_vs_eager']:.1e} vs eager)"
-        print(f"| {r['case']:<10} | {r['variant']:<27} | {r['n']:>2} | {r['ms']:>8.2f} | {r['ratio']:>6.3f} | "
-              f"{r['peak_gib']:>8.2f} | {host:>15} | {err:>30} |")  # fmt: skip
+        if "rel_err_vs_no_report" in r:
+            err += f" ({r['rel_err_vs_no_report']:.1e} vs no report)"
+        first = f"{r['first_run_extra_s']:.2f}" if "first_run_extra_s" in r else ""
+        print(f"| {r['case']:<10} | {r['variant']:<36} | {r['n']:>2} | {r['ms']:>8.2f} | {r['ratio']:>6.3f} | "
+              f"{r['peak_gib']:>8.2f} | {host:>15} | {first:>12} | {err:>30} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
