@@ -412,6 +412,9 @@ class StackRun:
         self._row_masks: dict = {}
         self._static: dict = {}
         self._groups: dict = {}
+        self._step_scales: dict[int, torch.Tensor] = {}
+        """This call's strength x schedule x mode x custom per layer of each scheduled entry, in a kept device buffer
+        that a replayed step reads (set by `_refresh` before a graph step, emptied after it)."""
         self._cursors = list(cursors or [None] * len(self.entries))
         self.scheduled: list[float] = [1.0] * len(self.entries)
         """Each entry's schedule value at the current noise level (1.0 without a schedule)."""
@@ -521,11 +524,15 @@ class StackRun:
         dynamic = any(self.entries[g[0]].injection != "input" for g in groups)
         if dynamic and self._use_graphs(x.device):
             self._refresh(groups, x, chunks, window)
-            # A captured step closes over its scheduled values (python floats) and its window's hint rows: both
-            # are part of the key, so a changed value runs eagerly first (a fade is eager; a hold is captured).
-            scheduled = tuple(self.scheduled[i] for g in groups for i in g)
-            key = (graph_key(groups, chunks, dtype, x, timesteps, context, y), scheduled, window, reporting)
-            slots = self._graphs.step(key, compute, (x, timesteps, context, y))  # type: ignore[union-attr]
+            # Scheduled strengths reach a captured step through the scale buffers `_refresh` fills, so a fade is one
+            # graph. Only a multi-hint Union group bakes its strengths into the fusion (python floats): its values
+            # are part of the key. The window's hint rows are baked in too: the window is part of the key.
+            baked = tuple(self.scheduled[i] for g in groups if self._bakes_strengths(g) for i in g)
+            key = (graph_key(groups, chunks, dtype, x, timesteps, context, y), baked, window, reporting)
+            try:
+                slots = self._graphs.step(key, compute, (x, timesteps, context, y))  # type: ignore[union-attr]
+            finally:
+                self._step_scales = {}
         else:
             slots = compute(x, timesteps, context, y)
         if reporting:
@@ -566,6 +573,15 @@ class StackRun:
                 continue
             for idx in group:
                 self._encoded_hint(idx, x, chunks, dtype, window)
+            if self._cursors[group[0]] is not None and not self._bakes_strengths(group):
+                # float32, as the eager multiply by a python float computes: replay and eager agree bit for bit
+                scales = torch.tensor(self._scales(group[0]), dtype=torch.float32).to(x.device)
+                self._step_scales[group[0]] = self._keep("scales", (group[0], x.device), scales)
+
+    def _bakes_strengths(self, group: tuple[int, ...]) -> bool:
+        """Whether a group's forward takes its strengths as python floats (several hints of one Union model go into
+        its fusion as per-condition scales), so a captured step is specialised to them."""
+        return len(group) > 1
 
     def _keep(self, cache: str, key: tuple, value):
         """`value` (a tensor, or a list / dict of them) in the graph cache's kept buffers, when this run's steps
@@ -669,11 +685,15 @@ class StackRun:
             res = cn(*args, encoded_hint=encoded[0])
             scales = self._scales(group[0])
         row_mult = self._row_mult(group[0], x, chunks, dtype, window)
+        step_scales = None if self._bakes_strengths(group) else self._step_scales.get(group[0])
         applied = []
         for i, r in enumerate(res):
             if getattr(cn, "global_average_pooling", False):
                 r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
-            r = r * scales[i]
+            if step_scales is None:
+                r = r * scales[i]
+            else:  # the same product in float32 (the python-float multiply's op maths), read from the buffer
+                r = (r.float() * step_scales[i]).to(r.dtype)
             if lead.mask is not None:
                 r = r * self._mask_at(group[0], x, r.shape[-2:], len(chunks), dtype, window)
             if row_mult is not None:

@@ -450,8 +450,8 @@ def tiny_t2i_stack_parts():
 
 
 def test_a_replay_reads_t2i_features_at_the_current_schedule_value():
-    """T2I features are per-run buffers scaled by the schedule: a graph captured at one value and replayed after
-    the value changed and came back reads the features at the value of its step, not the last one computed."""
+    """T2I features are per-run buffers scaled by the schedule: they are refreshed at each step's value before a
+    replay, so the one graph (captured at 1.0) replayed at 0.4 and at 1.0 again reads the features of its step."""
     cn, adapter = tiny_t2i_stack_parts()
     x, hint, t, ctx, _ = random_inputs(cn, batch=2, seed=46)
     back_and_forth = Schedule((Keyframe(0.0, 1.0), Keyframe(0.3, 0.4), Keyframe(0.6, 1.0)))
@@ -466,9 +466,40 @@ def test_a_replay_reads_t2i_features_at_the_current_schedule_value():
         for g, w in zip(got.input, want.input, strict=True):
             assert (g is None and w is None) or (w.abs().mean() > 0 and rel_err(g, w) < 1e-6), sigma
         assert rel_err(got.middle, want.middle) < 1e-6
-    assert len(capture.captured) == 2 and capture.replays == 2 + 2 + 2, (
-        "the last two steps replay the value-1 graph"
+    assert len(capture.captured) == 1 and capture.replays == 7, (
+        "one graph for every value: refreshed, not keyed"
     )
     assert_replays_read_only_held_tensors(capture, graphs, [cn, adapter])
+    fast.end()
+    eager.end()
+
+
+def test_a_fade_is_one_graph_and_replays_bit_for_bit():
+    """An interpolated schedule changes the strength every step; the strength reaches the captured step through a
+    kept scale buffer, so the whole fade is one capture, and (float32 maths either way) each replayed step equals the
+    eager step exactly. (A multi-hint Union group takes its strengths as python floats into its fusion: those
+    values stay in the key.)"""
+    cn = tiny_controlnet("sd1", seed=47)
+    x, hint, t, ctx, _ = random_inputs(cn, batch=2, seed=48)
+    mask = torch.rand(1, 24, 24, generator=torch.Generator().manual_seed(49))
+    fade = Schedule((Keyframe(0.0, 1.0, "linear"), Keyframe(1.0, 0.1)))
+    stack = ResidualStack(
+        [StackEntry(cn, hint[:1], strength=0.9, mask=mask, schedule=fade), StackEntry(cn, hint[1:])]
+    )
+    capture = TapeCapture()
+    graphs = StepGraphs(capture, device_types=("cpu",))
+    fast = stack.begin_run(lambda p: 1.0 - p, graphs=graphs)
+    eager = stack.begin_run(lambda p: 1.0 - p, use_cuda_graphs=False)
+    values = []
+    for step, sigma in enumerate((0.9, 0.75, 0.6, 0.45, 0.3, 0.15)):
+        xs = x + step
+        got = fast.residuals(xs, t, ctx, sigma=sigma, cond_or_uncond=(UNCOND, COND))
+        want = eager.residuals(xs, t, ctx, sigma=sigma, cond_or_uncond=(UNCOND, COND))
+        values.append(fast.scheduled[0])
+        for g, w in zip(got, want, strict=True):
+            assert w.abs().mean() > 0 and torch.equal(g, w), (sigma, rel_err(g, w))
+    assert len(set(values)) == 6, "the strength changed every step"
+    assert len(capture.captured) == 1 and capture.replays == 5
+    assert_replays_read_only_held_tensors(capture, graphs, [cn])
     fast.end()
     eager.end()

@@ -7,6 +7,8 @@ import pytest
 import torch
 from cn_helpers import SD1_SLOTS, random_inputs, randomize_, rel_err
 from controlstack.controlnet import ControlNetError, build_controlnet
+from controlstack.controlnet.graphs import StepGraphs
+from controlstack.controlnet.schedule import Keyframe, Schedule
 from controlstack.controlnet.stack import COND, UNCOND, ResidualStack, StackEntry, StackRun
 from controlstack.controlnet.t2i_adapter import T2IAdapterConfig, build_t2i_adapter
 
@@ -181,6 +183,32 @@ def test_union_hints_of_one_model_share_one_forward(union):
     two = union(x, hints[1].expand(2, -1, -1, -1), t, ctx, y, control_types=[3])
     for g, w1, w2 in zip(got, one, two, strict=True):
         assert rel_err(g, 0.9 * w1 + 0.6 * w2) < 1e-5
+
+
+def test_fused_union_hints_key_their_graph_on_their_strengths(union):
+    """A multi-hint Union forward takes the scheduled strengths as python floats into its fusion, so a captured step
+    is specialised to them: each held value gets its own graph, and no replay reuses another value's."""
+    from test_graphs import TapeCapture
+    from test_union import union_inputs
+
+    x, hints, t, ctx, y, _ = union_inputs(union.config, 2, batch=2, seed=11)
+    hold = Schedule((Keyframe(0.0, 1.0), Keyframe(0.5, 0.4)))
+    entries = [
+        StackEntry(union, h[:1], strength=s, union_type=k, schedule=hold)
+        for h, s, k in zip(hints, (0.9, 0.6), (1, 3), strict=True)
+    ]
+    stack = ResidualStack(entries)
+    capture = TapeCapture()
+    fast = stack.begin_run(lambda p: 1.0 - p, graphs=StepGraphs(capture, device_types=("cpu",)))
+    eager = stack.begin_run(lambda p: 1.0 - p, use_cuda_graphs=False)
+    for sigma in (0.9, 0.8, 0.7, 0.4, 0.3, 0.2):  # 1.0 three times, then 0.4 three times
+        got = fast.residuals(x, t, ctx, y, sigma=sigma)
+        want = eager.residuals(x, t, ctx, y, sigma=sigma)
+        for g, w in zip(got, want, strict=True):
+            assert w.abs().mean() > 0 and rel_err(g, w) < 1e-6, sigma
+    assert len(capture.captured) == 2 and capture.replays == 4
+    fast.end()
+    eager.end()
 
 
 def test_lllite_terms_reach_the_control_report(lllite):
