@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 KEY = "controlstack"
 WrappersMP = comfy.patcher_extension.WrappersMP
+CallbacksMP = comfy.patcher_extension.CallbacksMP
 
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 
@@ -244,6 +245,10 @@ def apply_hint(
     for kind, fn in ((WrappersMP.APPLY_MODEL, wrapper), (WrappersMP.OUTER_SAMPLE, wrapper.outer_sample)):
         patched.remove_wrappers_with_key(kind, KEY)
         patched.add_wrapper_with_key(kind, KEY, fn)
+    # When the host unloads this MODEL to make room (VAE decode, another model), the stack's CUDA graphs go too: their
+    # memory pool is freed with the host's own empty-cache that follows, not held until the next run of the stack.
+    patched.remove_callbacks_with_key(CallbacksMP.ON_DETACH, KEY)
+    patched.add_callback_with_key(CallbacksMP.ON_DETACH, KEY, wrapper.on_detach)
     models = [m for m in patched.get_additional_models_with_key(KEY) if m.model is not controlnet.module]
     patched.set_additional_models(KEY, [*models, controlnet.patcher])
     return patched
@@ -287,6 +292,13 @@ class StackWrapper:
         # The stack's CUDA graphs and the buffers they read outlive a sampling run: the next run of this MODEL (a
         # new seed, the next frame) replays from its first step. Dropped with the MODEL, or when the weights move.
         self.graphs = StepGraphs()
+
+    def on_detach(self, model_patcher, unpatch_all: bool) -> None:
+        """ON_DETACH callback of the patched MODEL. A full unload (``free_memory``, ``unload_all_models``: the host
+        makes room) drops the graphs and the buffers they read. ``unpatch_all=False`` is the light detach that
+        ``load_models_gpu`` does at the start of every sampling run, the MODEL staying loaded: keep them."""
+        if unpatch_all:
+            self.graphs.clear()
 
     # OUTER_SAMPLE: one sampling run
     def outer_sample(self, executor, *args, **kwargs):

@@ -230,3 +230,36 @@ def test_a_unet_call_outside_a_sampling_run_falls_back_to_a_one_call_run(setup):
         )
     assert torch.equal(outside, inside)
     assert (outside - no_control).abs().mean() > 1e-3
+
+
+def test_graphs_outlive_a_sampling_run_and_go_when_the_host_unloads_the_model(setup, controlled):
+    """Through ComfyUI's own KSampler: the MODEL's graph cache (here with the unit tests' replaying stand-in, on the
+    CPU) captures in run 1 and replays every step of run 2, both with the plain run's latent (the light detach that
+    the host's load_models_gpu does at each run keeps it), and is dropped when the host unloads the MODEL, as
+    free_memory does to make room."""
+    from controlstack.controlnet.graphs import StepGraphs
+    from test_graphs import TapeCapture
+
+    model, patched, _, conds = setup
+    plain = controlled[0]
+    entry = patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, patcher.KEY)[
+        0
+    ].stack.entries[0]
+    cn = entry.controlnet
+    host_cn = patcher.HostControlNet(
+        cn, comfy.model_patcher.ModelPatcher(cn, load_device=CPU, offload_device=CPU), "tiny.safetensors"
+    )
+    graphed = patcher.apply_hint(model, host_cn, {"hint": entry.hint, "strength": 0.8, "label": "7"})
+    wrapper = graphed.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, patcher.KEY)[0]
+    capture = TapeCapture()
+    wrapper.graphs = StepGraphs(capture, device_types=("cpu",))
+    first = patcher.ksample(graphed, **SAMPLE, **conds)["samples"]
+    assert torch.equal(first, plain) and len(capture.captured) == 1 and capture.replays == STEPS - 1
+    second = patcher.ksample(graphed, **SAMPLE, **conds)["samples"]
+    assert torch.equal(second, plain)
+    assert len(capture.captured) == 1 and capture.replays == 2 * STEPS - 1, (
+        "run 2 replayed from its first step"
+    )
+    assert len(wrapper.graphs) == 1 and not wrapper.graphs.in_use
+    graphed.detach()  # unpatch_all=True: what the host's free_memory / unload_all_models do to a loaded MODEL
+    assert len(wrapper.graphs) == 0, "unloaded: the graphs are dropped"
