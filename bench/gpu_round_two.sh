@@ -7,7 +7,8 @@
 #
 # It runs (1) bench/check_cuda_graphs.py, the real-capture check that replay equals eager across runs, edits,
 # moved weights and the report (exit 1 on a failed check), then (2) bench/bench_controlnet.py (SD1.5 512^2 N = 1..3,
-# SDXL 1024^2 N = 1..2: host, built-in, eager, graphs, graphs + report). Logs and JSON go to $OUT (or bench/results).
+# SDXL 1024^2 N = 1..2: host, built-in, eager, graphs, graphs + report), then (3) SD1.5 again with
+# CONTROLSTACK_COMPILE=1 (the compiled path; its first run includes the compile). Logs and JSON go to $OUT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -36,3 +37,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT
 "$PY" bench/check_cuda_graphs.py 2>&1 | tee "$OUT/check_cuda_graphs_${stamp}.log"
 "$PY" bench/bench_controlnet.py --comfy-dir .host/comfyui --json "$OUT/round_two_${stamp}.json" 2>&1 \
   | tee "$OUT/round_two_${stamp}.log"
+CONTROLSTACK_COMPILE=1 "$PY" bench/bench_controlnet.py --comfy-dir .host/comfyui --skip-sdxl \
+  --json "$OUT/round_two_compiled_${stamp}.json" 2>&1 | tee "$OUT/round_two_compiled_${stamp}.log"

@@ -29,12 +29,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from functools import cached_property
+from functools import cached_property, partial
 
 import torch
 import torch.nn.functional as F
 
 from .checks import check_window, finite_float
+from .compiled import CompiledForwards
 from .errors import ControlNetError
 from .graphs import StepGraphs, graph_key, placement_of
 from .report import layer_magnitudes
@@ -349,6 +350,7 @@ class ResidualStack:
         use_cuda_graphs: bool = True,
         observer: StepObserver | None = None,
         graphs: StepGraphs | None = None,
+        compiled: CompiledForwards | None = None,
     ) -> StackRun:
         """Start a sampling run: map each window to noise levels; the returned run holds every per-run cache.
 
@@ -357,7 +359,8 @@ class ResidualStack:
         per-layer magnitudes at every step (the control report). `graphs` is a CUDA-graph cache that outlives the
         run (the patcher keeps one per stack; tests pass one with a stand-in capture): the run holds it until
         `end()`, and runs without graphs when another run holds it. Without one, the run makes its own and drops it
-        at `end()`. Free the run with `StackRun.end()` (or use it as a context manager).
+        at `end()`. `compiled` runs the residual forwards through torch.compile (controlnet/compiled.py; opt-in,
+        kept across runs like the graphs). Free the run with `StackRun.end()` (or use it as a context manager).
         """
         windows = [(percent_to_sigma(e.start_percent), percent_to_sigma(e.end_percent)) for e in self.entries]
         owns_graphs = False
@@ -371,7 +374,7 @@ class ResidualStack:
         cursors = [
             None if e.schedule is None else ScheduleCursor(e.schedule, percent_to_sigma) for e in self.entries
         ]
-        return StackRun(self, windows, hint_fitter, graphs, observer, cursors, owns_graphs)
+        return StackRun(self, windows, hint_fitter, graphs, observer, cursors, owns_graphs, compiled)
 
     # A step needs a run: these fail loudly instead of quietly starting one with a made-up schedule.
     control = _needs_run("control")
@@ -397,6 +400,7 @@ class StackRun:
         observer: StepObserver | None,
         cursors: Sequence[ScheduleCursor | None] | None = None,
         owns_graphs: bool = True,
+        compiled: CompiledForwards | None = None,
     ) -> None:
         self.stack = stack
         self.entries = stack.entries
@@ -405,6 +409,8 @@ class StackRun:
         self._hint_fitter = hint_fitter
         self._graphs = graphs
         self._owns_graphs = owns_graphs
+        self.compiled = compiled
+        """When set, residual forwards run through torch.compile (`ResidualStack.begin_run(compiled=...)`)."""
         self._graphs_bound: bool | None = None
         """Whether this run's steps go through `_graphs` (decided at its first step, once x's device is known)."""
         self._encoded: dict = {}
@@ -669,9 +675,10 @@ class StackRun:
         cn = lead.controlnet
         args = (x.to(dtype), None, timesteps.to(dtype), context.to(dtype), None if y is None else y.to(dtype))
         encoded = [self._encoded_hint(idx, x, chunks, dtype, window) for idx in group]
+        forward = cn if self.compiled is None else partial(self.compiled.call, cn)
         if lead.kind == "union":
             types = [] if lead.union_type is None else [self.entries[i].union_type for i in group]
-            res = cn(
+            res = forward(
                 *args,
                 encoded_hint=encoded,
                 control_types=types,
@@ -682,7 +689,7 @@ class StackRun:
             # the fusion as per-condition scales (diffusers' multi-condition maths), the residuals get mode x custom.
             scales = self._scales(group[0]) if len(group) == 1 else lead.unit_scales
         else:
-            res = cn(*args, encoded_hint=encoded[0])
+            res = forward(*args, encoded_hint=encoded[0])
             scales = self._scales(group[0])
         row_mult = self._row_mult(group[0], x, chunks, dtype, window)
         step_scales = None if self._bakes_strengths(group) else self._step_scales.get(group[0])

@@ -28,6 +28,7 @@ import comfy.patcher_extension
 import torch
 
 from ..controlnet import ControlNetError
+from ..controlnet.compiled import CompiledForwards
 from ..controlnet.control_lora import control_lora_family
 from ..controlnet.graphs import StepGraphs
 from ..controlnet.kinds import KIND_NAMES, file_kind, load_control
@@ -292,6 +293,8 @@ class StackWrapper:
         # The stack's CUDA graphs and the buffers they read outlive a sampling run: the next run of this MODEL (a
         # new seed, the next frame) replays from its first step. Dropped with the MODEL, or when the weights move.
         self.graphs = StepGraphs()
+        # Opt-in torch.compile of the ControlNet forwards, kept across runs like the graphs (docs/performance.md).
+        self.compiled = CompiledForwards() if os.environ.get("CONTROLSTACK_COMPILE", "0") == "1" else None
 
     def on_detach(self, model_patcher, unpatch_all: bool) -> None:
         """ON_DETACH callback of the patched MODEL. A full unload (``free_memory``, ``unload_all_models``: the host
@@ -313,6 +316,7 @@ class StackWrapper:
             use_cuda_graphs=self.use_cuda_graphs,
             observer=options.get(OBSERVER_OPTION),
             graphs=self.graphs,
+            compiled=self.compiled,
         )
         options[RUN_OPTION] = run
         try:

@@ -263,3 +263,23 @@ def test_graphs_outlive_a_sampling_run_and_go_when_the_host_unloads_the_model(se
     assert len(wrapper.graphs) == 1 and not wrapper.graphs.in_use
     graphed.detach()  # unpatch_all=True: what the host's free_memory / unload_all_models do to a loaded MODEL
     assert len(wrapper.graphs) == 0, "unloaded: the graphs are dropped"
+
+
+def test_the_compiled_path_through_the_host_sampler(setup, controlled):
+    """CONTROLSTACK_COMPILE's path (the wrapper's CompiledForwards, here with the unit tests' counting backend):
+    the KSampler latent equals the eager one, compiled once and reused by the second run."""
+    from controlstack.controlnet.compiled import CompiledForwards
+    from test_compiled import CountingBackend
+
+    torch._dynamo.reset()
+    _, patched, _, conds = setup
+    wrapper = patched.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, patcher.KEY)[0]
+    backend = CountingBackend()
+    wrapper.compiled = CompiledForwards(backend)
+    try:
+        for _ in range(2):
+            out = patcher.ksample(patched, **SAMPLE, **conds)["samples"]
+            assert torch.equal(out, controlled[0])
+        assert backend.compiles == 1
+    finally:
+        wrapper.compiled = None
