@@ -18,7 +18,11 @@ TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 PY_DEPS=(
   numpy Pillow requests==2.34.2 safetensors==0.8.0 opencv-python==5.0.0.93
   pytest==9.2.0 ruff==0.17.6 diffusers==0.42.1 scikit-image==0.26.0 hypothesis==6.170.15
+  # the annotators' test references: controlnet_aux's own dependencies (it goes in with --no-deps, because it
+  # asks for opencv-python-headless, a second cv2 over opencv-python) and transformers (Depth Anything v2)
+  timm==1.0.31 huggingface_hub==2.4.0 einops==0.8.2 scipy==1.17.1 filelock importlib_metadata transformers==5.25.0
 )
+ANNOTATOR_REFERENCE=controlnet_aux==0.0.10
 
 say() { printf '[setup] %s\n' "$*"; }
 die() {
@@ -63,6 +67,7 @@ STAMP=".venv/.controlstack-setup"
 WANT="$(cat scripts/setup.sh pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   step "pip install torch + test deps" "$PY" -m pip install --quiet "${TORCH_PINS[@]}" "${PY_DEPS[@]}"
+  step "pip install $ANNOTATOR_REFERENCE (test reference, no deps)" "$PY" -m pip install --quiet --no-deps "$ANNOTATOR_REFERENCE"
   step "pip install -e . (controlstack)" "$PY" -m pip install --quiet --no-deps -e .
   echo "$WANT" >"$STAMP"
 else
