@@ -27,7 +27,9 @@ __all__ = ["NETWORK", "FILES", "SOURCE", "LICENSE", "PiDiNetNetwork", "build", "
 NETWORK = "PiDiNet"
 FILES = ("table5_pidinet.pth",)
 SOURCE = "https://huggingface.co/lllyasviel/Annotators"
-LICENSE = "research-only (no license file; hellozhuo/pidinet: for academic research use)"
+# hellozhuo/pidinet's LICENSE: the MIT text, headed "It is just for research purpose, and commercial use should
+# be contacted with authors first." -- so research use only, unlike the Apache-2.0 HED retrain.
+LICENSE = "MIT, research use only (commercial use: ask the authors)"
 
 # controlnet_aux.pidi.model.nets["carv4"], layer0 .. layer15 (layer0 is the stem).
 CARV4 = ("cd", "ad", "rd", "cv") * 4
@@ -41,7 +43,8 @@ _RD_INNER = (6, 7, 8, 11, 13, 16, 17, 18)
 
 
 class PixelDifferenceConv(nn.Module):
-    """A 3x3 (stride 1, padding 1) pixel-difference conv holding its raw kernel as ``weight``, no bias."""
+    """A pixel-difference conv (stride 1, same size out) holding its raw 3x3 kernel as ``weight``, no bias; ``rd``
+    applies it as a 5x5 kernel (padding 2), the others as 3x3 (padding 1)."""
 
     def __init__(self, op: str, in_channels: int, out_channels: int, groups: int = 1) -> None:
         super().__init__()

@@ -1,7 +1,8 @@
 """Reference side of the PiDiNet annotator: controlnet_aux 0.0.10's pidinet() and PidiNetDetector.
 
 Test/bench code only (imports controlnet_aux). ``table5_pidinet.pth`` is a training checkpoint of a
-``DataParallel`` model: ``{"state_dict": {"module.<key>": tensor}}`` (the reference reads
+``DataParallel`` model: ``{"epoch": 19, "state_dict": {"module.<key>": tensor}}`` (checked against the file in
+hellozhuo/pidinet's trained_models/table5_pidinet.pth, 2,871,148 bytes; the reference reads
 ``torch.load(path)["state_dict"]`` and strips ``module.``). The reference's network is the *unconverted*
 pidinet (difference ops applied at every forward), which is what is built here.
 """
@@ -26,8 +27,8 @@ def _model() -> nn.Module:
 
 
 def published_state_dict(seed: int = 0) -> dict[str, Any]:
-    """Seeded random weights in the layout of ``table5_pidinet.pth``: ``{"state_dict": {"module." + key: ...}}``
-    with the reference pidinet()'s key names and shapes.
+    """Seeded random weights in the layout of ``table5_pidinet.pth``: ``{"epoch": 19, "state_dict": {"module." +
+    key: ...}}`` with the reference pidinet()'s key names, order and shapes.
 
     Scaled for a non-degenerate hint on [0, 1] pixels: He-normal convs (the residual stack grows slowly), the
     depthwise difference kernels larger (a difference of neighbours is small on smooth regions), CSAM masks
@@ -51,7 +52,7 @@ def published_state_dict(seed: int = 0) -> dict[str, Any]:
         else:
             value = 0.1 * noise
         sd[key] = value.contiguous()
-    return {"state_dict": {f"module.{k}": v for k, v in sd.items()}}
+    return {"epoch": 19, "state_dict": {f"module.{k}": v for k, v in sd.items()}}
 
 
 def reference_network(sd: dict[str, torch.Tensor]) -> nn.Module:

@@ -37,7 +37,7 @@ def net(published, tmp_path_factory) -> pidinet.PiDiNetNetwork:
 
 
 def test_published_layout(published):
-    assert set(published) == {"state_dict"}
+    assert set(published) == {"epoch", "state_dict"}
     assert all(k.startswith("module.") for k in published["state_dict"])
     assert "module.block2_1.shortcut.weight" in published["state_dict"]
 
