@@ -3,9 +3,11 @@
 Seeded random weights for every tensor of the published ``depth_anything_v2_vits.pth`` layout (authors' names),
 written to a real ``.pth`` file and read back. The reference network is transformers' V2 model holding those
 weights mapped by the conversion script's key mapping, with the authors' position-embedding resize (see
-annotator_refs.depth_anything). To stay fast on CPU the network sees small inputs (``input_size`` 98 / 140:
-7 x 14 and 10 x 15 token grids, so the 37 x 37 position embeddings are resized, non-square); the reference runs
-once (module fixture) and every test reuses its results. vitb / vitl are checked on the meta device (shapes).
+annotator_refs.depth_anything). To stay fast on CPU the network sees small inputs (``input_size`` 56 / 98:
+4 x 8 and 7 x 10 token grids, so the 37 x 37 position embeddings are resized, non-square); the reference runs
+once (module fixture) and every test reuses its results. The default 518 runs the same code at a larger size
+(resized_size is checked at 518 here; a 518 px forward takes seconds on CPU). vitb / vitl are checked on the
+meta device (shapes).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ pytestmark = pytest.mark.unit
 
 PHOTO = Path(__file__).resolve().parents[2] / "workflows" / "inputs" / "controlstack_photo.png"
 H, W = 64, 128
-INPUT_SIZE = 98
-# A second case: another frame size and input_size (network input 140 x 210).
-H2, W2, INPUT_SIZE2 = 128, 192, 140
+INPUT_SIZE = 56
+# A second case: another frame size and input_size. 192 * 98 / 128 = 147 = 10.5 patches, which the authors'
+# numpy rounding takes to 10 (half to even): network input 98 x 140.
+H2, W2, INPUT_SIZE2 = 128, 192, 98
 
 
 def _photo() -> np.ndarray:
@@ -113,9 +116,10 @@ def test_other_sizes_build_from_shapes(size: str, dim: int, layers: tuple[int, .
 
 def test_network_matches_reference(run: dict) -> None:
     """Our batched forward of the 3 frames vs the reference's 3 single forwards (the very inputs it built):
-    measured 0.0 relative on CPU fp32 (bit-identical); asserted <= 1e-4 relative."""
+    measured 8.3e-7 relative on CPU fp32 (one frame per call is bit-identical: batch 3 picks other CPU kernels);
+    asserted <= 1e-4 relative."""
     expected = torch.cat(run["ref"]["raw"])
-    assert run["raw"].shape == expected.shape == (3, 98, 196)
+    assert run["raw"].shape == expected.shape == (3, 56, 112)
     assert rel_err(run["raw"], expected) <= 1e-4
     # A degenerate random network (all-zero depth after the final ReLU) could not test anything.
     assert (expected > 0).float().mean() > 0.5
@@ -129,7 +133,7 @@ def test_position_embedding_resize_is_the_authors(run: dict) -> None:
     ours = run["net"].pretrained
     hf = reference_network(run["sd"], authors_pos=False).backbone.embeddings
     authors = reference_network(run["sd"]).backbone.embeddings
-    for grid in ((7, 14), (10, 15), (37, 37), (40, 30)):
+    for grid in ((4, 8), (7, 10), (37, 37), (40, 30)):
         tokens = torch.zeros(1, 1 + grid[0] * grid[1], 384)
         expected = authors.interpolate_pos_encoding(tokens, grid[0] * 14, grid[1] * 14)
         assert torch.equal(ours.resized_pos_embed(*grid), expected), grid
@@ -142,13 +146,14 @@ def test_position_embedding_resize_is_the_authors(run: dict) -> None:
 
 def test_network_input_matches_cv2_resize(run: dict) -> None:
     """The torch batched bicubic resize + normalisation vs the authors' cv2.INTER_CUBIC (float64) path: measured
-    max |diff| 3.2e-5 in normalised units (7e-6 in [0, 1], 0.002 gray levels: cv2 keeps the source position of
-    each output pixel in fp32); asserted < 1e-4 (0.006 gray levels). Also a
+    max |diff| 3.3e-5 here, 6.4e-5 for a 128 x 192 frame at 98, in normalised units (<= 1.5e-5 in [0, 1], 0.004
+    gray levels: cv2 keeps the source position of each output pixel in fp32); asserted < 2e-4 (0.01 gray
+    levels). Also a
     downscale (256 px frame to 98) and a same-size case, on the preprocessing alone."""
     ours = da.network_input(run["images"], INPUT_SIZE)
     expected = torch.cat(run["ref"]["input"])
     assert ours.shape == expected.shape
-    assert (ours - expected).abs().max() < 1e-4
+    assert (ours - expected).abs().max() < 2e-4
     photo = _photo()
     for frame, size in (
         (np.ascontiguousarray(photo[:256, :256]), 98),
@@ -160,13 +165,13 @@ def test_network_input_matches_cv2_resize(run: dict) -> None:
         ref = (ref - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
         got = da.network_input(_to_images([frame]), size)[0].permute(1, 2, 0).double().numpy()
         assert got.shape == ref.shape
-        assert np.abs(got - ref).max() < 1e-4, (h, w, size)
+        assert np.abs(got - ref).max() < 2e-4, (h, w, size)
 
 
 def test_hint_matches_reference(run: dict) -> None:
-    """Batched detect vs the reference pipeline on the same uint8 frames: max gray-level difference 0
-    (bit-identical) measured; asserted <= 1 (the bicubic resize differs from cv2's by float rounding, which can
-    move a value across a level boundary)."""
+    """Batched detect vs the reference pipeline on the same uint8 frames: measured max gray-level difference 1,
+    at 0.004% of values (1 of 24576); asserted <= 1 at < 0.1%. The network inputs (torch vs cv2 bicubic) and the
+    batched kernels differ by float rounding, which can move a value across a level boundary."""
     ours = run["hint"]
     expected = np.stack(run["ref"]["hint"])
     assert ours.shape == expected.shape == (3, H, W, 3)
@@ -179,21 +184,25 @@ def test_hint_matches_reference(run: dict) -> None:
 
 
 def test_other_input_size_matches_reference(run: dict) -> None:
-    """Another frame size and input_size (128 x 192 frame, network input 140 x 210): <= 1 gray level."""
+    """Another frame size and input_size (128 x 192 frame, network input 98 x 140): measured max 1 gray level
+    at 0.015% of values; asserted <= 1 at < 0.1%."""
     ours = _to_uint8(da.detect(run["net"], run["other_images"], input_size=INPUT_SIZE2))
     expected = run["ref_other"]["hint"][0]
-    assert run["ref_other"]["raw"][0].shape == (1, 140, 210)
+    assert run["ref_other"]["raw"][0].shape == (1, 98, 140)
     diff = np.abs(ours[0].astype(int) - expected.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert (expected / 255.0).std() > 0.02
 
 
 def test_batch_equals_single_calls(run: dict) -> None:
+    """3 different frames in one call == 3 single calls: measured max 1 level at 0.008% of values (CPU kernels
+    differ by batch size); asserted <= 1 level at < 0.1%."""
+    batch = run["hint"]
     for i in range(3):
         single = _to_uint8(da.detect(run["net"], run["images"][i : i + 1], input_size=INPUT_SIZE))
-        diff = np.abs(single[0].astype(int) - run["hint"][i].astype(int))
+        diff = np.abs(single[0].astype(int) - batch[i].astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, i
-    assert (run["hint"][0] != run["hint"][1]).any()
+    assert (batch[0] != batch[1]).any() and (batch / 255.0).std() > 0.02
 
 
 def test_resized_size_matches_authors() -> None:
