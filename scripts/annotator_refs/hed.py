@@ -1,7 +1,7 @@
 """Reference side of the HED annotator: controlnet_aux 0.0.10's ControlNetHED_Apache2 and HEDdetector.
 
-Test/bench code only (imports controlnet_aux). ``ControlNetHED.pth`` is a bare state dict (the reference does
-``load_state_dict(torch.load(path))``): no wrapper, no prefix.
+Test/bench code only (imports controlnet_aux). ``ControlNetHED.pth`` is a bare state dict (the reference loads the whole file
+into the network): no wrapper, no prefix.
 """
 
 from __future__ import annotations

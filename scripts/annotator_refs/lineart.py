@@ -1,7 +1,7 @@
 """Reference side of the realistic line-art annotator: controlnet_aux 0.0.10's Generator and LineartDetector.
 
 Test/bench code only (imports controlnet_aux). ``sk_model.pth`` and ``sk_model2.pth`` are bare state dicts of
-``Generator(3, 1, 3)`` (the reference does ``load_state_dict(torch.load(path))``): no wrapper, no prefix, and the
+``Generator(3, 1, 3)`` (the reference loads the whole file into the network with ``load_state_dict``): no wrapper, no prefix, and the
 two files share one layout.
 """
 

@@ -1,7 +1,7 @@
 """Reference side of the M-LSD annotator: controlnet_aux 0.0.10's MobileV2_MLSD_Large and MLSDdetector.
 
 Test/bench code only (imports controlnet_aux). ``mlsd_large_512_fp32.pth`` is a bare state dict of
-``MobileV2_MLSD_Large`` (the reference does ``load_state_dict(torch.load(path), strict=True)``): no wrapper, no
+``MobileV2_MLSD_Large`` (the reference loads the whole file into the network, strictly): no wrapper, no
 prefix, BatchNorm buffers included.
 """
 

@@ -3,7 +3,7 @@
 Test/bench code only (imports controlnet_aux). ``table5_pidinet.pth`` is a training checkpoint of a
 ``DataParallel`` model: ``{"epoch": 19, "state_dict": {"module.<key>": tensor}}`` (checked against the file in
 hellozhuo/pidinet's trained_models/table5_pidinet.pth, 2,871,148 bytes; the reference reads
-``torch.load(path)["state_dict"]`` and strips ``module.``). The reference's network is the *unconverted*
+the ``state_dict`` entry of the loaded file and strips ``module.``). The reference's network is the *unconverted*
 pidinet (difference ops applied at every forward), which is what is built here.
 """
 
