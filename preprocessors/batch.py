@@ -157,6 +157,28 @@ def run_batched(
     return out.to(images.device)
 
 
+def node_resolution(
+    images: torch.Tensor,
+    resolution: int,
+    pixel_perfect: bool,
+    target_width: int,
+    target_height: int,
+    resize_mode: str,
+) -> int:
+    """The working resolution a preprocessor node uses: the widget's, or with ``pixel_perfect`` the
+    :func:`~.resize.pixel_perfect_resolution` of the image size and the target size for ``resize_mode``.
+    Checks the batch and fails fast on absurd sizes, before any frame is converted."""
+    check_images(images)
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode: expected one of {RESIZE_MODES}, got {resize_mode!r}")
+    h, w = int(images.shape[1]), int(images.shape[2])
+    if pixel_perfect:
+        resolution = pixel_perfect_resolution(h, w, target_height, target_width, resize_mode)
+    resolution = check_resolution(resolution)
+    output_size(h, w, resolution)
+    return resolution
+
+
 def run_preprocessor(
     fn: Preprocessor,
     images: torch.Tensor,
@@ -176,12 +198,5 @@ def run_preprocessor(
     the target size for ``resize_mode`` (``resolution`` is then ignored). The hint's short side is the
     resolution; see ``common.at_resolution``.
     """
-    check_images(images)
-    if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"resize_mode: expected one of {RESIZE_MODES}, got {resize_mode!r}")
-    h, w = int(images.shape[1]), int(images.shape[2])
-    if pixel_perfect:
-        resolution = pixel_perfect_resolution(h, w, target_height, target_width, resize_mode)
-    resolution = check_resolution(resolution)
-    output_size(h, w, resolution)  # fail fast on absurd sizes, before converting the batch
+    resolution = node_resolution(images, resolution, pixel_perfect, target_width, target_height, resize_mode)
     return run_batched(at_resolution(fn, resolution), images, workers=workers, progress=progress, **kwargs)

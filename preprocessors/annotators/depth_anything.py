@@ -74,7 +74,7 @@ _GRID = 37
 _POS_OFFSET = 0.1
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
-_INPUT_SIZE_RANGE = (28, 2016)
+INPUT_SIZE_RANGE = (28, 2016)
 # Frames per forward: bounds activation memory (the head's last maps are input-sized, up to 128 channels).
 _CHUNK = 8
 
@@ -317,7 +317,7 @@ def resized_size(height: int, width: int, input_size: int = 518) -> tuple[int, i
 
 
 def _check_input_size(input_size: object) -> int:
-    low, high = _INPUT_SIZE_RANGE
+    low, high = INPUT_SIZE_RANGE
     if (
         isinstance(input_size, bool)
         or not isinstance(input_size, (int, np.integer))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "reframe_pose_dict",
     "Keypoint",
     "Pose",
     "draw_poses",
@@ -189,6 +190,30 @@ def poses_to_dict(poses: Sequence[Pose], height: int, width: int) -> dict[str, A
         "canvas_height": height,
         "canvas_width": width,
     }
+
+
+def reframe_pose_dict(pose_dict: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    """The same keypoints on a canvas of ``height`` x ``width`` sharing the top-left corner (the padded frame a
+    network saw cut back to the frame the user sees): coordinates are rescaled so each point keeps its pixel
+    position. Points that lay in the cut-off padding keep their place, outside [0, 1]."""
+    old_h, old_w = int(pose_dict["canvas_height"]), int(pose_dict["canvas_width"])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"pose keypoint dict: canvas {width} x {height} is empty")
+    sx, sy = old_w / width, old_h / height
+
+    def scaled(numbers: list[float] | None) -> list[float] | None:
+        if not numbers:
+            return numbers
+        out = list(numbers)
+        for i in range(0, len(out) - 2, 3):
+            if out[i + 2] > 0:
+                out[i], out[i + 1] = float(out[i]) * sx, float(out[i + 1]) * sy
+        return out
+
+    people = [
+        {k: scaled(v) if k.endswith("_2d") else v for k, v in p.items()} for p in pose_dict.get("people", [])
+    ]
+    return {**pose_dict, "people": people, "canvas_height": height, "canvas_width": width}
 
 
 def _decompress(numbers: Sequence[float] | None, dtype: type) -> list[Keypoint | None] | None:

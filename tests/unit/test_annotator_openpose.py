@@ -329,3 +329,34 @@ def test_bad_options_refused(fixture_nets) -> None:
         op.detect_pose(body, hand, hand, images, include_face=True)
     with pytest.raises(ValueError, match="body"):
         op.detect_pose(hand, hand, face, images)
+
+
+def test_reframed_dict_keeps_pixel_positions_and_redraws_the_cropped_pose(fixture_nets) -> None:
+    """The node cuts the 64-padding off: the keypoints move to the smaller canvas at the same pixel positions
+    (within float rounding), missing points stay missing, and drawing them differs from the padded drawing
+    cropped by at most a one-pixel shift of some points (so only a few pixels)."""
+    from controlstack.preprocessors.annotators.openpose_draw import reframe_pose_dict
+
+    body, hand, face = fixture_nets
+    image, dicts = op.detect_pose(
+        body, hand, face, _images([_frame(1, 6.0)]), include_hand=True, include_face=True
+    )
+    h, w = H - 10, W - 7
+    reframed = reframe_pose_dict(dicts[0], h, w)
+    assert (reframed["canvas_height"], reframed["canvas_width"]) == (h, w)
+    assert reframe_pose_dict(dicts[0], H, W) == dicts[0]
+    for before, after in zip(dicts[0]["people"], reframed["people"], strict=True):
+        for key in ("pose_keypoints_2d", "hand_left_keypoints_2d", "face_keypoints_2d"):
+            old, new = np.array(before[key]).reshape(-1, 3), np.array(after[key]).reshape(-1, 3)
+            assert (old[:, 2] == new[:, 2]).all()
+            present = old[:, 2] > 0
+            assert present.any()
+            np.testing.assert_allclose(new[present, 0] * w, old[present, 0] * W, atol=1e-6)
+            np.testing.assert_allclose(new[present, 1] * h, old[present, 1] * H, atol=1e-6)
+            assert (new[~present, :2] == 0).all()
+    drawn = draw_pose_keypoints([reframed])[0]
+    cropped = image[0, :h, :w].cpu()
+    assert drawn.shape == cropped.shape
+    assert (drawn != cropped).any(-1).float().mean() < 0.02
+    with pytest.raises(ValueError, match="canvas 0 x 5 is empty"):
+        reframe_pose_dict(dicts[0], 5, 0)
