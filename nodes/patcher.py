@@ -125,6 +125,33 @@ def _wrap(module: torch.nn.Module, name: str, storage: HostStorage, **kw) -> Hos
     return HostControlNet(module, patcher, name, kind=kind_of(module), **kw)
 
 
+class HostAnnotator:
+    """An annotator network (HED, MiDaS, OpenPose ...) held by the host's model management, like a model.
+
+    The module sits on the offload device between uses; :meth:`on_device` asks the host to load it
+    (``load_models_gpu``: it frees other models' memory first and unloads this one again when something larger
+    needs the room), so annotators follow ``--lowvram`` / ``--novram`` / cache eviction like checkpoints do.
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str) -> None:
+        module.eval().requires_grad_(False)
+        self.name = name
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            module,
+            load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device(),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.patcher.load_device
+
+    def on_device(self) -> torch.nn.Module:
+        """The module, loaded on the host's compute device for this call."""
+        comfy.model_management.load_models_gpu([self.patcher])
+        return self.patcher.model
+
+
 def load_host_controlnet(source, name: str | None = None, base_model=None) -> HostControlNet:
     """Load any control file (ControlNet, Union, Control-LoRA, T2I-Adapter, LLLite) for the host: built from the
     host's operation classes and stored in the dtype the host picks (as its built-in ControlNet), on the offload
