@@ -68,7 +68,8 @@ def build_models(
         paths[name.rsplit("_", 1)[1].split(".")[0]] = models / "controlnet" / name
     paths["tiny_checkpoint"] = models / "checkpoints" / TINY_CHECKPOINT
     build_control_files(base_dir, "sd15", comfy_dir=comfy_dir, python=python)
-    circles = install_circles(models, comfy_dir=comfy_dir, python=python)
+    annotators = build_annotator_files(base_dir, python=python)
+    circles = {**install_circles(models, comfy_dir=comfy_dir, python=python), **annotators}
     if all(_random_model_ok(path, seed) for path, seed in zip(paths.values(), MODEL_SEEDS, strict=True)):
         return {**paths, **circles}
     proc = _make_random_models(comfy_dir, models, python, "--check")
@@ -79,6 +80,23 @@ def build_models(
     if missing:
         raise HostError(f"model build left no file at {missing}")
     return {**paths, **circles}
+
+
+def build_annotator_files(base_dir: Path, *, python: str | None = None) -> dict[str, Path]:
+    """Write the seeded random annotator files the shipped workflow reads (Depth Anything v2 small, OpenPose body)
+    into ``base_dir/models/annotators`` under their published names (scripts/make_random_annotator_files.py;
+    idempotent through its stamp). Returns {"annotator:<file name>": path}."""
+    models = prepare_base(base_dir) / "models"
+    script = REPO / "scripts" / "make_random_annotator_files.py"
+    proc = run_checked(
+        [resolve_python(python), str(script), "--models-dir", str(models), "--check"],
+        "build random annotator files",
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["built"]:
+        log.info("built %d annotator file(s) in %.1f s", len(result["built"]), result["build_s"])
+    folder = models / "annotators"
+    return {f"annotator:{p.name}": p for p in sorted(folder.glob("*.pth"))}
 
 
 def install_circles(models_dir: Path, *, comfy_dir: Path, python: str | None = None) -> dict[str, Path]:

@@ -11,6 +11,7 @@ from types import ModuleType
 
 import cv2
 import host
+import make_random_annotator_files
 import make_random_models
 import numpy as np
 import pytest
@@ -24,7 +25,12 @@ SDXL_MARKER = "controlstack_random_sdxl"
 
 
 BUILT_MODELS = {
-    "sd15": {host.CHECKPOINT, *host.CONTROLNETS, *host.CONTROL_FILES["sd15"]},
+    "sd15": {
+        host.CHECKPOINT,
+        *host.CONTROLNETS,
+        *host.CONTROL_FILES["sd15"],
+        *make_random_annotator_files.ANNOTATOR_FILES,
+    },
     "circles": {host.CIRCLES_CHECKPOINT, host.CIRCLES_CONTROLNET},
     "sdxl": {
         make_random_models.SDXL_CHECKPOINT_NAME,
@@ -40,6 +46,19 @@ KIND_MARKERS = {
     "_lllite": "lllite",
 }
 """The harness's file names say the kind of the random control file they hold (classic ControlNet otherwise)."""
+
+
+ANNOTATOR_NODES = {
+    "ControlStackHEDPreprocessor",
+    "ControlStackPiDiNetPreprocessor",
+    "ControlStackLineartPreprocessor",
+    "ControlStackAnimeLineartPreprocessor",
+    "ControlStackMLSDPreprocessor",
+    "ControlStackMiDaSPreprocessor",
+    "ControlStackDepthAnythingV2Preprocessor",
+    "ControlStackOpenPosePreprocessor",
+}
+"""Preprocessor nodes that read an annotator file (their file inputs are model files the harness must build)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,14 @@ def summarize(graph: dict) -> Summary:
     models = {
         n["inputs"][k] for n in graph.values() for k in ("ckpt_name", "control_net_name") if k in n["inputs"]
     }
+    models |= {  # the annotator files a run reads (OpenPose's hand / face files only when included)
+        v
+        for n in graph.values()
+        if n["class_type"] in ANNOTATOR_NODES
+        for k, v in n["inputs"].items()
+        if k in ("model", "body_model")
+        or (k in ("hand_model", "face_model") and n["inputs"][f"include_{k[:4]}"])
+    }
     sampler_id = next(k for k, n in graph.items() if n is sampler)
     report_saved = any(
         n["class_type"] == "SaveImage" and n["inputs"]["images"] == [sampler_id, 1] for n in graph.values()
@@ -191,6 +218,14 @@ SCENARIOS: dict[str, Callable[[Summary], bool]] = {
         == [
             "ControlStackCannyPreprocessor(controlstack_photo.png)",
             "ControlStackScribblePreprocessor(controlstack_photo.png)",
+        ]
+    ),
+    # photo -> Depth Anything v2 and OpenPose (weights from the annotators folder) -> two stacked ControlNets
+    "controlstack_sd15_depth_pose_from_photo": lambda s: (
+        [e.hint for e in s.entries]
+        == [
+            "ControlStackDepthAnythingV2Preprocessor(controlstack_photo.png)",
+            "ControlStackOpenPosePreprocessor(controlstack_photo.png)",
         ]
     ),
     "controlstack_sd15_t2i_depth": lambda s: [e.kind for e in s.entries] == ["t2i_adapter"],
