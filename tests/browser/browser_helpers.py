@@ -19,6 +19,7 @@ BROWSER_RUNS = (
     "controlstack_sd15_canny_plus_scribble",
     "controlstack_sd15_schedule_fade",  # Strength Keyframe
     "controlstack_sd15_frame_keyframes",  # Frame Strengths, a 16-latent batch
+    "controlstack_sd15_depth_pose_from_photo",  # the weight-based annotators (Depth Anything v2, OpenPose)
 )
 # Nodes 2.0 and subgraphs (driver step "modes"): this workflow runs once per renderer with one ApplyHint and its
 # ControlScale moved into a subgraph; the Nodes 2.0 page gets ControlScale's prompt decay replaced by MODES_DECAY
