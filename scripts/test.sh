@@ -12,4 +12,5 @@ t0=$SECONDS
 .venv/bin/python scripts/host.py -q models >/dev/null
 echo "[test] models ready ($((SECONDS - t0)) s)"
 mkdir -p .artifacts
-exec .venv/bin/python -m pytest tests -p no:cacheprovider --junitxml=.artifacts/junit.xml "$@"
+# --durations: the slowest tests in every log, so CI time can be traced to tests (the 30-minute target).
+exec .venv/bin/python -m pytest tests -p no:cacheprovider --durations=30 --junitxml=.artifacts/junit.xml "$@"

@@ -38,3 +38,17 @@ def test_preprocessor_bench_quick_runs():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "canny" in proc.stdout
+
+
+def test_annotator_bench_quick_runs_against_the_reference():
+    """Two of the eight networks (the cheapest; every network's detect is covered by the unit tests), ours and
+    the reference's, so the bench's reference wiring cannot rot unnoticed."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_annotators.py"), "--quick", "--only", "pidinet", "mlsd"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| PiDiNet", "| M-LSD"))]
+    assert len(rows) == 2 and all(row.count("x |") == 2 for row in rows), proc.stdout
