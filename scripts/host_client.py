@@ -20,11 +20,13 @@ from host_install import HostError, resolve_base_dir
 
 
 class PromptRejected(HostError):
-    """POST /prompt failed validation. ``.error`` and ``.node_errors`` are the server's answer."""
+    """POST /prompt failed validation. ``.error`` and ``.node_errors`` are the server's answer; ``.prompt_id`` is set
+    when the server queued the valid part anyway (and the client took it back)."""
 
-    def __init__(self, error: Any, node_errors: dict[str, Any]):
+    def __init__(self, error: Any, node_errors: dict[str, Any], prompt_id: str | None = None):
         self.error = error
         self.node_errors = node_errors
+        self.prompt_id = prompt_id
         lines = [f"ComfyUI rejected the prompt: {_describe_error(error)}"]
         for node_id, info in node_errors.items():
             for err in info.get("errors", []):
@@ -94,6 +96,15 @@ class ComfyClient:
             data = {}
         if r.status_code != 200 or "prompt_id" not in data:
             raise PromptRejected(data.get("error", r.text[:2000]), data.get("node_errors", {}))
+        if data.get("node_errors"):
+            # ComfyUI queues the outputs that validated and drops the rest; a caller would then see a partial run
+            # as a success. Fail like a rejected prompt, and take the queued part back so it cannot run later.
+            prompt_id = str(data["prompt_id"])
+            self._session.post(self.url + "/queue", json={"delete": [prompt_id]}, timeout=60)
+            self._session.post(self.url + "/interrupt", json={"prompt_id": prompt_id}, timeout=60)
+            raise PromptRejected(
+                {"message": "some output nodes failed validation"}, data["node_errors"], prompt_id
+            )
         return str(data["prompt_id"])
 
     def wait(self, prompt_id: str, timeout: float = 300) -> dict[str, Any]:

@@ -140,3 +140,21 @@ def test_validation_error_carries_node_errors(comfy_server: host.ComfyServer) ->
         comfy_server.queue(bad)
     assert "1" in e.value.node_errors
     assert "no_such_model" in str(e.value)
+
+
+def test_a_partly_valid_prompt_is_rejected_and_nothing_of_it_runs(comfy_server: host.ComfyServer) -> None:
+    # ComfyUI queues the outputs that validate and drops the others (200 with node_errors); the client must not
+    # report that as a run, or a workflow test with one broken output would pass on the outputs that still ran.
+    graph = txt2img(seed=3)
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "no_such_hint.png"}}
+    graph["21"] = {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}}
+    with pytest.raises(host.PromptRejected) as e:
+        comfy_server.queue(graph)
+    assert set(e.value.node_errors) == {"20"}, e.value.node_errors  # keyed by the node that failed
+    assert "no_such_hint.png" in str(e.value)
+    assert e.value.prompt_id
+    # the valid part was taken back: deleted from the queue, or interrupted if it had started; it saved nothing
+    entry = comfy_server.run(txt2img(seed=4), timeout=600)
+    assert len(comfy_server.output_images(entry)) == 1
+    taken_back = comfy_server.get(f"/history/{e.value.prompt_id}", timeout=60).json().get(e.value.prompt_id)
+    assert taken_back is None or not taken_back.get("outputs"), taken_back
