@@ -5,7 +5,8 @@ The network is a VGG-style stack of five conv blocks, each with a 1x1 side "proj
 is the sigmoid of the mean of the five projections upsampled to the frame. Unlike Saining Xie's original HED it
 takes RGB pixels in 0..255 (minus a learnt per-channel ``norm``), not mean-subtracted BGR.
 
-Also home of the post-processing PiDiNet shares with it (``safe_step`` and the scribble thinning).
+Its post-processing (``safe_step``, the scribble thinning) lives in ``common`` with the rest that the edge
+networks share.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_state_dict
+from .common import check_flag, check_state_dict, finish_hint, quantised_pixels, safe_step, to_levels
 
 __all__ = [
     "NETWORK",
@@ -28,9 +29,6 @@ __all__ = [
     "HEDNetwork",
     "build",
     "detect",
-    "check_flag",
-    "safe_step",
-    "scribble_lines",
 ]
 
 NETWORK = "HED"
@@ -88,65 +86,6 @@ def build(sd: Mapping[str, torch.Tensor], name: str) -> HEDNetwork:
     check_state_dict(sd, expected, NETWORK, name, FILES)
     net.load_state_dict(dict(sd), strict=True)
     return net.eval().requires_grad_(False)
-
-
-def check_flag(option: str, value: object) -> bool:
-    """A boolean option; anything else (1, "yes", None) is refused rather than read by truthiness."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{option}: expected True or False, got {value!r}")
-    return bool(value)
-
-
-def safe_step(x: torch.Tensor, step: int = 2) -> torch.Tensor:
-    """controlnet_aux.util.safe_step in torch: quantise [0, 1] to ``step + 1`` levels (float32, truncation)."""
-    y = x.to(torch.float32) * float(step + 1)
-    return y.to(torch.int32).to(torch.float32) / float(step)
-
-
-def to_levels(edge: torch.Tensor) -> torch.Tensor:
-    """``(edge * 255).clip(0, 255).astype(uint8)`` of the reference, kept as a uint8 tensor (truncation)."""
-    return (edge * 255.0).clamp_(0, 255).to(torch.uint8)
-
-
-def scribble_lines(levels: np.ndarray) -> np.ndarray:
-    """The reference's scribble post-processing of one H x W uint8 soft-edge map, in OpenCV as the reference does.
-
-    ``nms(map, 127, 3.0)`` (Gaussian blur sigma 3, keep pixels that are a maximum along any of the four 3-pixel
-    lines through them, threshold at 127), then a sigma-3 blur and any value above 4 made white: thin, bold
-    strokes. The reference runs it on the 3-channel map; its channels are equal and every step is per channel,
-    so one channel gives the same bytes for a third of the work.
-    """
-    x = cv2.GaussianBlur(levels.astype(np.float32), (0, 0), 3.0)
-    lines = (
-        np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=np.uint8),
-        np.array([[0, 1, 0], [0, 1, 0], [0, 1, 0]], dtype=np.uint8),
-        np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.uint8),
-        np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.uint8),
-    )
-    kept = np.zeros_like(x)
-    for kernel in lines:
-        np.putmask(kept, cv2.dilate(x, kernel=kernel) == x, x)
-    thin = np.where(kept > 127, np.uint8(255), np.uint8(0))
-    blurred = cv2.GaussianBlur(thin, (0, 0), 3.0)
-    return np.where(blurred > 4, np.uint8(255), np.uint8(0))
-
-
-def finish_hint(levels: torch.Tensor, scribble: bool, device: torch.device) -> torch.Tensor:
-    """B x H x W uint8 levels -> the B x H x W x 3 float32 [0, 1] hint on ``device`` (scribble per frame)."""
-    if scribble:
-        frames = levels.cpu().numpy()
-        levels = torch.from_numpy(np.stack([scribble_lines(f) for f in frames]))
-    hint = levels.to(device=device, dtype=torch.float32).div_(255.0)
-    return hint.unsqueeze(-1).expand(*hint.shape, 3).contiguous()
-
-
-def quantised_pixels(images: torch.Tensor, net: nn.Module) -> torch.Tensor:
-    """B x H x W x 3 [0, 1] -> B x 3 x H x W float32 0..255 integers on the net's device (the reference's uint8)."""
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images: expected B x H x W x 3, got {tuple(images.shape)}")
-    device = next(net.parameters()).device
-    x = images.to(device=device, dtype=torch.float32)
-    return (x * 255.0).round_().clamp_(0, 255).permute(0, 3, 1, 2).contiguous()
 
 
 def _mean_edge_cv2(projections: list[torch.Tensor], height: int, width: int) -> torch.Tensor:

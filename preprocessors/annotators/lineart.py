@@ -17,8 +17,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .common import check_state_dict
-from .hed import finish_hint, quantised_pixels, to_levels
+from .common import check_state_dict, finish_hint, quantised_pixels, to_levels
 
 __all__ = ["NETWORK", "FILES", "SOURCE", "LICENSE", "LineartNetwork", "build", "detect", "file_for"]
 

@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import check_state_dict
-from .hed import finish_hint, quantised_pixels
+from .common import check_state_dict, finish_hint, quantised_pixels
 
 __all__ = ["NETWORK", "FILES", "SOURCE", "LICENSE", "AnimeLineartNetwork", "build", "detect"]
 

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_state_dict
-from .hed import finish_hint, quantised_pixels
+from .common import check_state_dict, finish_hint, quantised_pixels
 
 __all__ = ["NETWORK", "FILES", "SOURCE", "LICENSE", "MLSDNetwork", "build", "detect", "decode_lines"]
 

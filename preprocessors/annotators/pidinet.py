@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_state_dict
-from .hed import check_flag, finish_hint, quantised_pixels, safe_step, to_levels
+from .common import check_flag, check_state_dict, finish_hint, quantised_pixels, safe_step, to_levels
 
 __all__ = ["NETWORK", "FILES", "SOURCE", "LICENSE", "PiDiNetNetwork", "build", "detect"]
 

@@ -111,7 +111,7 @@ def test_wrong_file_is_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(other, path)
     with pytest.raises(
-        AnnotatorFileError, match=r"other\.pth: not a HED file \(expected ControlNetHED\.pth\)"
+        AnnotatorFileError, match=r"other\.pth: not an HED file \(expected ControlNetHED\.pth\)"
     ):
         hed.build(read_state_dict(str(path)), path.name)
 
@@ -120,7 +120,7 @@ def test_partial_file_is_refused(weights, tmp_path):
     partial = {k: v for k, v in weights.items() if not k.startswith("block5.")}
     path = tmp_path / "ControlNetHED.pth"
     torch.save(partial, path)
-    with pytest.raises(AnnotatorFileError, match=r"ControlNetHED\.pth: not a HED file.*missing.*block5\."):
+    with pytest.raises(AnnotatorFileError, match=r"ControlNetHED\.pth: not an HED file.*missing.*block5\."):
         hed.build(read_state_dict(str(path)), path.name)
     reshaped = dict(weights, norm=torch.zeros(1, 4, 1, 1))
     with pytest.raises(AnnotatorFileError, match=r"HED file.*norm: \(1, 4, 1, 1\)"):

@@ -116,7 +116,7 @@ def test_wrong_file_is_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save(other, path)
     with pytest.raises(
-        AnnotatorFileError, match=r"other\.pth: not a M-LSD file \(expected mlsd_large_512_fp32\.pth\)"
+        AnnotatorFileError, match=r"other\.pth: not an M-LSD file \(expected mlsd_large_512_fp32\.pth\)"
     ):
         mlsd.build(read_state_dict(str(path)), path.name)
 
@@ -126,7 +126,7 @@ def test_partial_file_is_refused(weights, tmp_path):
     path = tmp_path / "mlsd_large_512_fp32.pth"
     torch.save(partial, path)
     with pytest.raises(
-        AnnotatorFileError, match=r"mlsd_large_512_fp32\.pth: not a M-LSD file.*missing.*block23\."
+        AnnotatorFileError, match=r"mlsd_large_512_fp32\.pth: not an M-LSD file.*missing.*block23\."
     ):
         mlsd.build(read_state_dict(str(path)), path.name)
     # A 3-channel first conv (a plain MobileNetV2 stem) is not M-LSD's RGB + ones input.

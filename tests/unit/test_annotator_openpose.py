@@ -305,14 +305,14 @@ def test_wrong_and_partial_files_refused(tmp_path, body_sd) -> None:
         op.build({"conv.weight": torch.zeros(4, 3, 3, 3), "conv.bias": torch.zeros(4)}, "junk.pth")
     partial = dict(list(body_sd.items())[:-6])
     torch.save(partial, tmp_path / "body_pose_model.pth")
-    with pytest.raises(AnnotatorFileError, match=r"body_pose_model\.pth: not a OpenPose body file.*missing"):
+    with pytest.raises(AnnotatorFileError, match=r"body_pose_model\.pth: not an OpenPose body file.*missing"):
         op.build(read_state_dict(str(tmp_path / "body_pose_model.pth")), "body_pose_model.pth")
     wrong = dict(hand, **{"conv6_2_CPM.weight": torch.zeros(30, 512, 1, 1)})
     with pytest.raises(AnnotatorFileError, match=r"hand_pose_model\.pth: not an OpenPose file"):
         op.build(wrong, "hand_pose_model.pth")
     hand.pop("conv1_1.bias")
     with pytest.raises(
-        AnnotatorFileError, match=r"not a OpenPose hand file \(expected hand_pose_model\.pth\)"
+        AnnotatorFileError, match=r"not an OpenPose hand file \(expected hand_pose_model\.pth\)"
     ):
         op.build(hand, "hand_pose_model.pth")
 
