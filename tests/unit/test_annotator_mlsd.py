@@ -2,43 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import cv2
 import numpy as np
 import pytest
 import torch
+from annotator_refs.frames import photo, shapes, to_images, to_uint8
 from annotator_refs.mlsd import published_state_dict, reference_detect, reference_network
 from controlstack.preprocessors.annotators import mlsd
 from controlstack.preprocessors.annotators.common import AnnotatorFileError, read_state_dict
 from numerics import rel_err
 
 pytestmark = pytest.mark.unit
-
-PHOTO = Path(__file__).resolve().parents[2] / "workflows" / "inputs" / "controlstack_photo.png"
-
-
-def photo(height: int = 64, width: int = 128) -> np.ndarray:
-    rgb = cv2.cvtColor(cv2.imread(str(PHOTO)), cv2.COLOR_BGR2RGB)
-    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_AREA)
-
-
-def shapes(height: int = 64, width: int = 128) -> np.ndarray:
-    """A drawn scene: gradient background, filled and outlined shapes, a line (edges of every orientation)."""
-    ramp = np.linspace(40, 200, width, dtype=np.float32)[None, :, None]
-    image = np.broadcast_to(ramp, (height, width, 3)).astype(np.uint8).copy()
-    cv2.circle(image, (width // 3, height // 2), height // 4, (220, 60, 40), -1)
-    cv2.rectangle(image, (width // 2, height // 5), (width - 20, height - 25), (30, 120, 230), 3)
-    cv2.line(image, (5, height - 5), (width - 5, 10), (250, 250, 90), 2)
-    return image
-
-
-def to_images(*frames: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.stack(frames)).float() / 255.0
-
-
-def to_uint8(hint: torch.Tensor) -> np.ndarray:
-    return (hint.numpy() * 255.0).round().astype(np.uint8)
 
 
 # (our option values, the reference's thr_v / thr_d): the defaults, a higher score bar, a length bar, both.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from annotator_refs.frames import photo, shapes, to_images, to_uint8
 from annotator_refs.hed import published_state_dict as hed_state_dict
 from annotator_refs.pidinet import published_state_dict, reference_detect, reference_network
 from controlstack.preprocessors.annotators import pidinet
 from controlstack.preprocessors.annotators.common import AnnotatorFileError, read_state_dict
 from numerics import rel_err
-from test_annotator_hed import photo, shapes, to_images, to_uint8
 
 pytestmark = pytest.mark.unit
 
