@@ -26,6 +26,7 @@ What makes it fast (see docs/performance.md):
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -595,7 +596,7 @@ class StackRun:
         graphs = self._graphs
         if graphs is None or not self._graphs_bound:
             return value
-        counter = iter(range(1 << 30))
+        counter = itertools.count()
         return _map_tensors(value, lambda t: graphs.keep((cache, key, next(counter)), t))
 
     def residuals(
