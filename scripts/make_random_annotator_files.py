@@ -20,13 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VERSION = "1"
-ANNOTATOR_FILES: dict[str, tuple[str, int]] = {
-    "depth_anything_v2_vits.pth": ("depth_anything", 400),
-    "body_pose_model.pth": ("openpose", 401),
+VERSION = "2"
+ANNOTATOR_FILES: dict[str, tuple[str, int, dict]] = {
+    "depth_anything_v2_vits.pth": ("depth_anything", 400, {}),
+    "body_pose_model.pth": ("openpose", 401, {"network": "body"}),
+    "hand_pose_model.pth": ("openpose", 402, {"network": "hand"}),
+    "facenet.pth": ("openpose", 403, {"network": "face"}),
 }
-"""Published file name -> (module of preprocessors/annotators and scripts/annotator_refs, seed). Only what the
-shipped workflow and the host tests read; the unit tests build every other network in memory."""
+"""Published file name -> (module of preprocessors/annotators and scripts/annotator_refs, seed, options of its
+``published_state_dict``). Only what the shipped workflow and the host tests read; the unit tests build every
+other network in memory."""
 STAMP = ".controlstack_random.json"
 
 
@@ -39,7 +42,7 @@ def stamp_ok(folder: Path) -> bool:
     if stamp.get("version") != VERSION:
         return False
     files = stamp.get("files", {})
-    for name, (_, seed) in ANNOTATOR_FILES.items():
+    for name, (_, seed, _options) in ANNOTATOR_FILES.items():
         entry = files.get(name)
         path = folder / name
         if (
@@ -58,9 +61,9 @@ def build(folder: Path, check: bool) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     built = []
     files = {}
-    for name, (module, seed) in ANNOTATOR_FILES.items():
+    for name, (module, seed, options) in ANNOTATOR_FILES.items():
         ref = importlib.import_module(f"annotator_refs.{module}")
-        sd = ref.published_state_dict(seed)
+        sd = ref.published_state_dict(seed, **options)
         path = folder / name
         tmp = path.with_suffix(path.suffix + ".tmp")
         torch.save(sd, tmp)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 from annotator_refs import depth_anything as depth_ref
+from annotator_refs import openpose as openpose_ref
+from controlstack.preprocessors.annotators.openpose_draw import draw_pose_keypoints, reframe_pose_dict
 from controlstack.preprocessors.common import resize_image_with_pad
 from host import PromptFailed
 from PIL import Image
@@ -25,6 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 PHOTO = "controlstack_photo.png"
 DEPTH_FILE = "depth_anything_v2_vits.pth"
 BODY_FILE = "body_pose_model.pth"
+HAND_FILE = "hand_pose_model.pth"
+FACE_FILE = "facenet.pth"
 RESOLUTION = 128
 
 
@@ -167,8 +171,8 @@ def test_openpose_keypoints_round_trip_through_the_draw_node(comfy_server, photo
     g = _graph(
         "ControlStackOpenPosePreprocessor",
         body_model=BODY_FILE,
-        hand_model="hand_pose_model.pth",
-        face_model="facenet.pth",
+        hand_model=HAND_FILE,
+        face_model=FACE_FILE,
         include_body=True,
         include_hand=False,
         include_face=False,
@@ -188,3 +192,45 @@ def test_openpose_keypoints_round_trip_through_the_draw_node(comfy_server, photo
     assert detected.shape == drawn.shape
     assert (detected > 0).mean() > 0.001, "no pose drawn: the round trip would compare two black images"
     assert np.array_equal(detected, drawn)
+
+
+def test_openpose_with_hands_and_face_equals_the_reference(comfy_server, photo):
+    """With include_hand and include_face the node reads all three files: its pose image is the reference
+    detector's poses (body + hands + face, on the same files and padded photo) drawn on the unpadded frame, bit for
+    bit as SaveImage stores it. The random weights find people with hands and faces, so the comparison has them."""
+    g = _graph(
+        "ControlStackOpenPosePreprocessor",
+        body_model=BODY_FILE,
+        hand_model=HAND_FILE,
+        face_model=FACE_FILE,
+        include_body=True,
+        include_hand=True,
+        include_face=True,
+    )
+    ours = _run_image(comfy_server, g)
+    folder = _annotators_dir(comfy_server)
+    nets = {
+        part: torch.load(folder / name, map_location="cpu", weights_only=True)
+        for part, name in (("body", BODY_FILE), ("hand", HAND_FILE), ("face", FACE_FILE))
+    }
+    padded, unpad = resize_image_with_pad(photo, RESOLUTION)
+    _, (pose,) = openpose_ref.reference_detect(nets, [padded], include_hand=True, include_face=True)
+    people = pose["people"]
+    assert any(p.get("hand_left_keypoints_2d") or p.get("hand_right_keypoints_2d") for p in people), people
+    assert any(p.get("face_keypoints_2d") for p in people), people
+    h, w = unpad(np.zeros(padded.shape[:2], np.uint8)).shape[:2]
+    drawn = draw_pose_keypoints(
+        [reframe_pose_dict(pose, h, w)], draw_body=True, draw_hand=True, draw_face=True
+    )
+    expected = (
+        np.clip(255.0 * drawn[0].numpy(), 0, 255).astype(np.uint8).astype(int)
+    )  # SaveImage's conversion
+    assert ours.shape == expected.shape
+    assert np.array_equal(ours, expected), np.abs(ours - expected).max()
+    # hands and faces are in the image: drawing the body alone differs
+    body_only = draw_pose_keypoints(
+        [reframe_pose_dict(pose, h, w)], draw_body=True, draw_hand=False, draw_face=False
+    )
+    assert not np.array_equal(
+        np.clip(255.0 * body_only[0].numpy(), 0, 255).astype(np.uint8).astype(int), ours
+    )
