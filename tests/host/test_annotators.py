@@ -59,6 +59,18 @@ def _depth_graph(model: str = DEPTH_FILE, input_size: int = 518) -> dict:
     return _graph("ControlStackDepthAnythingV2Preprocessor", model=model, input_size=input_size)
 
 
+def _openpose_graph(hands_and_face: bool) -> dict:
+    return _graph(
+        "ControlStackOpenPosePreprocessor",
+        body_model=BODY_FILE,
+        hand_model=HAND_FILE,
+        face_model=FACE_FILE,
+        include_body=True,
+        include_hand=hands_and_face,
+        include_face=hands_and_face,
+    )
+
+
 def _run_image(server, graph: dict) -> np.ndarray:
     (path,) = server.output_images(server.run(graph, timeout=600))
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
@@ -168,15 +180,7 @@ def test_missing_corrupt_and_wrong_files_fail_clearly_and_the_server_keeps_servi
 
 def test_openpose_keypoints_round_trip_through_the_draw_node(comfy_server, photo):
     """OpenPose's POSE_KEYPOINT output drawn again by Draw Pose Keypoints equals the node's own pose image."""
-    g = _graph(
-        "ControlStackOpenPosePreprocessor",
-        body_model=BODY_FILE,
-        hand_model=HAND_FILE,
-        face_model=FACE_FILE,
-        include_body=True,
-        include_hand=False,
-        include_face=False,
-    )
+    g = _openpose_graph(hands_and_face=False)
     g["4"] = {
         "class_type": "ControlStackDrawPoseKeypoints",
         "inputs": {
@@ -198,15 +202,7 @@ def test_openpose_with_hands_and_face_equals_the_reference(comfy_server, photo):
     """With include_hand and include_face the node reads all three files: its pose image is the reference
     detector's poses (body + hands + face, on the same files and padded photo) drawn on the unpadded frame, bit for
     bit as SaveImage stores it. The random weights find people with hands and faces, so the comparison has them."""
-    g = _graph(
-        "ControlStackOpenPosePreprocessor",
-        body_model=BODY_FILE,
-        hand_model=HAND_FILE,
-        face_model=FACE_FILE,
-        include_body=True,
-        include_hand=True,
-        include_face=True,
-    )
+    g = _openpose_graph(hands_and_face=True)
     ours = _run_image(comfy_server, g)
     folder = _annotators_dir(comfy_server)
     nets = {
