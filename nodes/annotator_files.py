@@ -103,7 +103,9 @@ def resolve(option: str, network: str, value: str, source: str) -> str:
     """
     if value.startswith(AUX_PREFIX):
         rel = value[len(AUX_PREFIX) :]
-        for root in aux_roots():
+        # only paths under the roots: the combo lists no others, and a hand-edited "../" never leaves them
+        inside = ".." not in Path(rel).parts and not Path(rel).is_absolute()
+        for root in aux_roots() if inside else []:
             p = root / rel
             if p.is_file():
                 return str(p)
