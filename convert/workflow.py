@@ -49,31 +49,72 @@ SAMPLERS = {
 """Nodes that sample a MODEL with a positive and a negative prompt: (model input, positive input, negative input)."""
 APPLY_ADVANCED = "ControlNetApplyAdvanced"
 APPLY_POSITIVE = "ControlNetApply"
-APPLY_NODES = (APPLY_ADVANCED, APPLY_POSITIVE)
-LOADERS = {"ControlNetLoader": False, "DiffControlNetLoader": True}
-"""Built-in ControlNet loaders -> whether they take the base MODEL ("difference" files)."""
+APPLY_BOTH = {
+    APPLY_ADVANCED: (),
+    "ACN_AdvancedControlNetApply_v2": (),
+    "ACN_AdvancedControlNetApply": (2,),
+}
+"""Apply nodes on both prompts (outputs: positive 0, negative 1) -> their extra MODEL pass-through outputs
+(Advanced-ControlNet's deprecated apply node returns its model_optional input)."""
+APPLY_SINGLE = {
+    APPLY_POSITIVE: (),
+    "ACN_AdvancedControlNetApplySingle_v2": (1,),
+    "ACN_AdvancedControlNetApplySingle": (1,),
+}
+"""Apply nodes on one prompt (input `conditioning`, output 0) that set ``control_apply_to_uncond`` (the host copies
+their ControlNet to a negative prompt that has none) -> their extra outputs (model_opt)."""
+APPLY_NODES = (*APPLY_BOTH, *APPLY_SINGLE)
+LOADERS = {
+    "ControlNetLoader": (False, "control_net_name"),
+    "DiffControlNetLoader": (True, "control_net_name"),
+    "ACN_ControlNetLoaderAdvanced": (False, "cnet"),
+    "ACN_DiffControlNetLoaderAdvanced": (True, "cnet"),
+    "ControlNetLoaderAdvanced": (False, "control_net_name"),
+    "DiffControlNetLoaderAdvanced": (True, "control_net_name"),
+}
+"""ControlNet loaders -> (whether they take the base MODEL: "difference" files, the input naming the file)."""
+ACN_OPTIONS = {
+    "mask_optional": "an attention mask",
+    "timestep_kf": "timestep keyframes",
+    "latent_kf_override": "latent keyframes",
+    "weights_override": "soft / custom weights",
+    "_tk_opt": "timestep keyframes",
+    "tk_optional": "timestep keyframes",
+}
+"""Advanced-ControlNet's optional inputs that change what its apply / loader nodes do: a node with one connected is
+not converted (ControlStack has schedules and masks of its own, but no conversion of these is proven the same)."""
 UNION_TYPE = "SetUnionControlNetType"
 ADVANCED_CONTROLNET = {
-    "ACN_AdvancedControlNetApply",
-    "ACN_AdvancedControlNetApply_v2",
-    "ACN_ControlNetLoaderAdvanced",
-    "ControlNetLoaderAdvanced",
-    "DiffControlNetLoaderAdvanced",
     "ACN_SparseCtrlLoaderAdvanced",
+    "ACN_SparseCtrlMergedLoaderAdvanced",
+    "ACN_ControlNet++LoaderAdvanced",
+    "ACN_ControlNet++LoaderSingle",
+    "ACN_AnimaLLLiteLoaderAdvanced",
+    "ACN_ReferenceControlNet",
+    "ACN_ReferencePreprocessor",
+    "ACN_CtrLoRALoader",
     "TimestepKeyframe",
+    "ACN_TimestepKeyframeInterpolation",
+    "ACN_TimestepKeyframeFromStrengthList",
     "LatentKeyframe",
     "LatentKeyframeGroup",
     "LatentKeyframeTiming",
     "LatentKeyframeBatchedGroup",
+    "ACN_ScaledSoftControlNetWeights",
     "ScaledSoftControlNetWeights",
+    "ACN_SoftControlNetWeightsSD15",
     "SoftControlNetWeights",
+    "ACN_CustomControlNetWeightsSD15",
     "CustomControlNetWeights",
-    "ScaledSoftMaskedUniversalWeights",
+    "ACN_SoftT2IAdapterWeights",
     "SoftT2IAdapterWeights",
+    "ACN_CustomT2IAdapterWeights",
     "CustomT2IAdapterWeights",
+    "ACN_DefaultUniversalWeights",
+    "ScaledSoftMaskedUniversalWeights",
 }
-"""ComfyUI-Advanced-ControlNet's control nodes: reported, not converted (no reference in the test host to prove a
-conversion renders the same; docs/convert.md)."""
+"""ComfyUI-Advanced-ControlNet's other nodes (keyframes, weights, SparseCtrl, ControlNet++, reference, ...):
+reported, not converted (docs/convert.md)."""
 
 DIT_MARKERS = (
     "sd3",
@@ -187,21 +228,36 @@ def _walk(prompt: Prompt, link: Link, side: str) -> _Chain:
         nid, slot = str(link[0]), link[1]
         node = prompt[nid]
         kind = node["class_type"]
-        if kind == APPLY_ADVANCED:
+        if kind in APPLY_BOTH:
+            if slot not in (0, 1):
+                raise Refused(f"{_name(prompt, nid)}: its output {slot} is the {side} prompt")
             if slot != (0 if side == "positive" else 1):
                 raise Refused(
                     f"{_name(prompt, nid)}: its {('positive', 'negative')[slot]} output is the {side} prompt"
                 )
-            nxt = node["inputs"]["positive" if slot == 0 else "negative"]
-        elif kind == APPLY_POSITIVE:
-            nxt = node["inputs"]["conditioning"]
+            nxt = node["inputs"].get("positive" if slot == 0 else "negative")
+        elif kind in APPLY_SINGLE:
+            if slot != 0:
+                raise Refused(f"{_name(prompt, nid)}: its output {slot} is the {side} prompt")
+            nxt = node["inputs"].get("conditioning")
         else:
             break
+        _check_options(prompt, nid)
         passed.append(nid)
         if _strength(prompt, nid) != 0.0:
             nodes.append(nid)
         link = nxt
     return _Chain(nodes, passed, link)
+
+
+def _check_options(prompt: Prompt, nid: str) -> None:
+    """Advanced-ControlNet's masks, keyframes and weights are not converted: refuse a node that has one."""
+    for key, what in ACN_OPTIONS.items():
+        if _is_link(prompt[nid]["inputs"].get(key)):
+            raise Refused(
+                f"{_name(prompt, nid)}: its {key} input is connected ({what}); Advanced-ControlNet's masks, "
+                "keyframes and weights are not converted yet (docs/convert.md)"
+            )
 
 
 @dataclass
@@ -219,6 +275,11 @@ def _plan(prompt: Prompt, sid: str) -> _Plan:
     if not all(_is_link(inputs.get(k)) for k in (model_in, pos_in, neg_in)):
         raise Refused("its model or prompts are not connected")
     pos, neg = _walk(prompt, inputs[pos_in], "positive"), _walk(prompt, inputs[neg_in], "negative")
+    for chain, side in ((pos, "positive"), (neg, "negative")):
+        if chain.passed and not _is_link(chain.root):
+            raise Refused(
+                f"{_name(prompt, chain.passed[-1])}: its {side} conditioning input is not connected"
+            )
     for chain, side in ((pos, "positive"), (neg, "negative")):
         for nid in _upstream(prompt, chain.root):
             kind = prompt[nid]["class_type"]
@@ -238,7 +299,7 @@ def _plan(prompt: Prompt, sid: str) -> _Plan:
         for key in ("ckpt_name", "unet_name")
     ]
     for nid in pos.nodes:
-        names += [(src, prompt[src]["inputs"].get("control_net_name")) for src in _loaders(prompt, nid)]
+        names += [(src, _file(prompt, src)) for src in _loaders(prompt, nid)]
     for nid, file in names:
         if isinstance(file, str) and any(m in file.lower() for m in DIT_MARKERS):
             raise Refused(
@@ -246,10 +307,15 @@ def _plan(prompt: Prompt, sid: str) -> _Plan:
                 "ControlStack runs SD1.x / SD2.x / SDXL control"
             )
     # the host copies the positive prompt's ControlNets to the negative prompt when the negative has none and the
-    # last apply node on the positive set control_apply_to_uncond (only ControlNetApply does)
-    copied = bool(pos.nodes) and not neg.nodes and prompt[pos.nodes[0]]["class_type"] == APPLY_POSITIVE
+    # last apply node on the positive set control_apply_to_uncond (the single-prompt apply nodes do)
+    copied = bool(pos.nodes) and not neg.nodes and prompt[pos.nodes[0]]["class_type"] in APPLY_SINGLE
     entries = [(nid, "balanced" if copied or nid in neg.nodes else "control") for nid in reversed(pos.nodes)]
     return _Plan(sid, entries, pos, neg)
+
+
+def _file(prompt: Prompt, loader_id: str) -> Any:
+    node = prompt[loader_id]
+    return node["inputs"].get(LOADERS[node["class_type"]][1]) if node["class_type"] in LOADERS else None
 
 
 def _loaders(prompt: Prompt, apply_id: str) -> list[str]:
@@ -269,6 +335,7 @@ def _control_net_sources(prompt: Prompt, link: Link) -> list[str]:
         return [nid, *_control_net_sources(prompt, prompt[nid]["inputs"]["control_net"])]
     if kind not in LOADERS:
         raise Refused(f"its ControlNet comes from {_name(prompt, nid)}, not a loader the converter knows")
+    _check_options(prompt, nid)
     return [nid]
 
 
@@ -297,8 +364,9 @@ class _Builder:
         kind, inputs = node["class_type"], node["inputs"]
         title = node.get("_meta", {}).get("title") or kind
         if kind in LOADERS:
-            new = {"control_net_name": inputs["control_net_name"]}
-            if LOADERS[kind]:
+            takes_model, file_input = LOADERS[kind]
+            new = {"control_net_name": inputs[file_input]}
+            if takes_model:
                 new["model"] = inputs["model"]
             out = [self.add(CS_LOAD, new, title, src), 0]
         elif kind == UNION_TYPE:
@@ -370,6 +438,7 @@ def convert_api(prompt: Prompt, first_new_id: int | None = None) -> Conversion:
             refused[sid] = str(e)
     # an apply node whose outputs also feed something that is not converted stays, and so do its samplers
     consumers = _consumers(prompt)
+    report.unchanged += _unreached(prompt, samplers, consumers)
     changed = True
     while changed:
         changed = False
@@ -381,7 +450,9 @@ def convert_api(prompt: Prompt, first_new_id: int | None = None) -> Conversion:
         }
         for sid, plan in list(plans.items()):
             for nid in plan.positive.passed + plan.negative.passed:
-                outside = [c for slot in (0, 1) for c in consumers.get((nid, slot), []) if c not in allowed]
+                outside = [
+                    c for slot in (0, 1, 2) for c in consumers.get((nid, slot), []) if c not in allowed
+                ]
                 if outside:
                     refused[sid] = (
                         f"{_name(prompt, nid)} also feeds {_name(prompt, outside[0][0])}, which is not converted"
@@ -413,6 +484,26 @@ def convert_api(prompt: Prompt, first_new_id: int | None = None) -> Conversion:
                 f"{_name(original, nid)}: Advanced-ControlNet nodes are not converted yet (docs/convert.md)"
             )
     return Conversion(prompt, report, builder.placed_near, sorted(removed, key=_node_key))
+
+
+def _unreached(prompt: Prompt, samplers: list[str], consumers: dict) -> list[str]:
+    """Apply nodes whose conditioning reaches no sampler of this graph (it goes out of a subgraph, into one, or
+    nowhere): nothing to convert them with, so they stay; say so."""
+    reached: set[str] = set()
+    for sid in samplers:
+        for key in SAMPLERS[prompt[sid]["class_type"]][1:]:
+            if _is_link(prompt[sid]["inputs"].get(key)):
+                reached |= set(_upstream(prompt, prompt[sid]["inputs"][key]))
+    out = []
+    for nid, node in prompt.items():
+        if node["class_type"] in APPLY_NODES and nid not in reached:
+            goes = sorted({_name(prompt, c) for slot in (0, 1) for c, _ in consumers.get((nid, slot), [])})
+            out.append(
+                f"{_name(prompt, nid)}: its conditioning reaches no sampler in this graph"
+                f"{' (it goes to ' + ', '.join(goes) + ')' if goes else ''}; a sampler and its ControlNet nodes "
+                "must be in one graph (the root graph or one subgraph) to convert"
+            )
+    return out
 
 
 def _remove_unused(prompt: Prompt, applies: set[str]) -> set[str]:

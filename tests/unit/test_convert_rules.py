@@ -250,7 +250,8 @@ def test_what_has_no_model_path_equivalent_is_left_unchanged_and_named():
     # a ControlNet from a node the converter does not know
     g = graph()
     pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
-    g["70"] = {"class_type": "ACN_ControlNetLoaderAdvanced", "inputs": {"control_net_name": "x"}}
+    g["70"] = {"class_type": "ACN_SparseCtrlLoaderAdvanced", "inputs": {"sparsectrl_name": "x"}}
+    g["7"]["inputs"]["control_net"] = ["70", 0]
     _refused(sample(g, pos, neg), "not a loader the converter knows")
     # a strength computed by another node
     g = graph()
@@ -259,18 +260,107 @@ def test_what_has_no_model_path_equivalent_is_left_unchanged_and_named():
     _refused(sample(g, pos, neg), "strength comes from another node")
 
 
-def test_advanced_controlnet_nodes_are_reported():
+def _without_titles(prompt: dict) -> dict:
+    return {nid: {k: v for k, v in node.items() if k != "_meta"} for nid, node in prompt.items()}
+
+
+def _as_acn(g: dict, renames: dict[str, str]) -> dict:
+    """`g` with its built-in ControlNet nodes swapped for Advanced-ControlNet's (`renames`: built-in -> ACN type);
+    the ACN loaders of 1.5.6-1.5.8 name their file input `cnet`."""
+    g = copy.deepcopy(g)
+    for node in g.values():
+        if node["class_type"] in renames:
+            node["class_type"] = renames[node["class_type"]]
+            if node["class_type"].startswith("ACN_") and "Loader" in node["class_type"]:
+                node["inputs"]["cnet"] = node["inputs"].pop("control_net_name")
+    return g
+
+
+@pytest.mark.parametrize(
+    "renames",
+    [
+        {
+            "ControlNetApplyAdvanced": "ACN_AdvancedControlNetApply_v2",
+            "ControlNetLoader": "ACN_ControlNetLoaderAdvanced",
+        },
+        {
+            "ControlNetApplyAdvanced": "ACN_AdvancedControlNetApply",
+            "ControlNetLoader": "ControlNetLoaderAdvanced",
+        },
+        {
+            "ControlNetApply": "ACN_AdvancedControlNetApplySingle_v2",
+            "ControlNetLoader": "ACN_ControlNetLoaderAdvanced",
+        },
+        {
+            "ControlNetApply": "ACN_AdvancedControlNetApplySingle",
+            "ControlNetLoader": "ControlNetLoaderAdvanced",
+        },
+        {"DiffControlNetLoader": "ACN_DiffControlNetLoaderAdvanced"},
+        {"DiffControlNetLoader": "DiffControlNetLoaderAdvanced"},
+    ],
+    ids=lambda r: "+".join(r.values()),
+)
+def test_advanced_controlnet_nodes_convert_like_the_built_in_ones(renames):
+    """Advanced-ControlNet's loaders and apply nodes, with none of their masks / keyframes / weights, do what the
+    built-in nodes do (nodes_main.py: the same cond copy, strength-0 pass-through, control_apply_to_uncond False on
+    both prompts, True for the single-prompt node): their conversion is the built-in graph's (render-tested in
+    tests/host/test_convert_renders_same.py), node for node."""
     g = graph()
-    g["7"] = {
-        "class_type": "ACN_AdvancedControlNetApply",
-        "inputs": {"positive": ["2", 0], "negative": ["3", 0], "control_net": ["70", 0], "image": ["6", 0]},
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0], strength=0.7, start_percent=0.1, end_percent=0.8)
+    pos = apply_positive(g, "8", pos, strength=0.6)
+    g["70"] = {
+        "class_type": "DiffControlNetLoader",
+        "inputs": {"model": ["1", 0], "control_net_name": "d.pth"},
     }
-    g["70"] = {"class_type": "ControlNetLoaderAdvanced", "inputs": {"control_net_name": "x"}}
-    result = cw.convert_api(sample(g, ["7", 0], ["7", 1]))
-    assert result.prompt == g
-    assert sum("Advanced-ControlNet" in line for line in result.report.unchanged) == 2, (
-        result.report.unchanged
+    g["7"]["inputs"]["control_net"] = ["70", 0]
+    sample(g, pos, neg)
+    builtin = cw.convert_api(g)
+    acn = cw.convert_api(_as_acn(g, renames))
+    assert len(builtin.report.converted) == 1 and not builtin.report.unchanged
+    assert not acn.report.unchanged, acn.report.text()
+    assert _without_titles(acn.prompt) == _without_titles(builtin.prompt)
+    assert acn.removed == builtin.removed
+
+
+def test_advanced_controlnet_single_apply_keeps_its_window():
+    g = graph()
+    pos = apply_positive(g, "8", ["2", 0], strength=0.6)
+    g["8"]["class_type"] = "ACN_AdvancedControlNetApplySingle_v2"
+    g["8"]["inputs"].update(start_percent=0.2, end_percent=0.7)
+    (apply,) = stack_of(cw.convert_api(sample(g, pos, ["3", 0])).prompt)
+    inputs = apply["inputs"]
+    assert (inputs["strength"], inputs["start_percent"], inputs["end_percent"]) == (0.6, 0.2, 0.7)
+    assert "scales" not in inputs, "balanced: the host copies it to the negative prompt, which has none"
+
+
+@pytest.mark.parametrize("option", ["mask_optional", "timestep_kf", "latent_kf_override", "weights_override"])
+def test_advanced_controlnet_options_are_left_unchanged_and_named(option):
+    g = _as_acn(graph(), {})
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    g["7"]["class_type"] = "ACN_AdvancedControlNetApply_v2"
+    g["7"]["inputs"][option] = ["99", 0]
+    g["99"] = {"class_type": "TimestepKeyframe", "inputs": {"start_percent": 0.0}}
+    result = cw.convert_api(sample(g, pos, neg))
+    assert result.prompt == g and not result.report.converted
+    assert any(f"its {option} input is connected" in line for line in result.report.unchanged), (
+        result.report.text()
     )
+    assert any(line.startswith("TimestepKeyframe (node 99)") for line in result.report.unchanged)
+
+
+def test_advanced_controlnet_loader_keyframes_and_model_pass_through_are_left_unchanged():
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
+    g["70"]["class_type"] = "ACN_ControlNetLoaderAdvanced"
+    g["70"]["inputs"] = {"cnet": "cn.safetensors", "_tk_opt": ["99", 0]}
+    g["99"] = {"class_type": "TimestepKeyframe", "inputs": {}}
+    _refused(sample(g, pos, neg), "its _tk_opt input is connected (timestep keyframes)")
+    # the deprecated apply node's model_opt output feeds the sampler's model: it cannot go
+    g = graph()
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0], model_optional=["1", 0])
+    g["7"]["class_type"] = "ACN_AdvancedControlNetApply"
+    g["10"]["inputs"]["model"] = ["7", 2]
+    _refused(sample(g, pos, neg), "also feeds KSampler (node 10), which is not converted")
 
 
 def test_cli_writes_the_conversion_and_prints_the_report(tmp_path):
