@@ -2,9 +2,10 @@
 
 GET /controlstack/describe?name=<file in models/controlnet> -> {"kind", "kind_name", "family"}: the kind of a control
 file, read from its tensor names and shapes (no weights), so Load ControlNet shows a badge as soon as a file is picked.
-POST /controlstack/convert {"prompt": <API graph>} -> {"prompt", "report", "placed_near", "removed"}: the workflow
-converter (convert/workflow.py) for the frontend's "Convert ControlNet nodes to ControlStack" command, which applies
-the result to the open graph (web/convert.js).
+POST /controlstack/convert {"workflow": <UI workflow>} -> {"workflow", "report", "text"}: the workflow converter
+(convert/ui_format.py, subgraphs included) for the frontend's "Convert ControlNet nodes to ControlStack" command,
+which loads the answer into the open workflow as one undoable change (web/convert.js). {"prompt": <API graph>} ->
+{"prompt", "report", "text", "placed_near", "removed"}: the same rules on an API graph (convert/workflow.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from ..controlnet import ControlNetError
 from ..controlnet.kinds import describe_file
-from ..convert import convert_api
+from ..convert import convert_api, convert_ui
 
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "": ""}
 
@@ -50,12 +51,35 @@ async def convert(request: web.Request) -> web.Response:
         body = await request.json()
     except ValueError as err:
         return web.json_response({"error": f"body: expected JSON, got {err}"}, status=400)
+    workflow = body.get("workflow") if isinstance(body, dict) else None
+    if workflow is not None:
+        if not isinstance(workflow, dict) or not isinstance(workflow.get("nodes"), list):
+            return web.json_response(
+                {
+                    "error": "workflow: expected a UI-format workflow (nodes, links), as app.graph.serialize() gives"
+                },
+                status=400,
+            )
+        try:
+            converted, result = convert_ui(workflow)
+        except (KeyError, IndexError, TypeError, ValueError) as err:  # a hand-edited or truncated file
+            return web.json_response(
+                {"error": f"workflow: not a workflow the converter can read ({type(err).__name__}: {err})"},
+                status=400,
+            )
+        return web.json_response(
+            {"workflow": converted, "report": result.report.as_dict(), "text": result.report.text()}
+        )
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, dict) or not all(
         isinstance(n, dict) and "class_type" in n for n in prompt.values()
     ):
         return web.json_response(
-            {"error": "prompt: expected an API-format graph (node id -> {class_type, inputs})"}, status=400
+            {
+                "error": 'expected {"workflow": <UI-format workflow>} or {"prompt": <API-format graph '
+                "(node id -> {class_type, inputs})>}"
+            },
+            status=400,
         )
     result = convert_api(prompt)
     return web.json_response(

@@ -849,6 +849,7 @@ async function presetAndEdit(page, nodeId) {
  */
 async function convertOnPage(page, { api, ui, ui_converted: uiConverted }) {
   const out = await convertOneOnPage(page, { api });
+  out.subgraph = await convertSubgraphOnPage(page, { api });
   if (ui) {
     // a UI file dropped on the page (a ComfyUI template), then the CLI's conversion of the same file
     out.ui = await convertOneOnPage(page, { ui });
@@ -881,6 +882,45 @@ async function convertOneOnPage(page, { api, ui }) {
     const restored = (await app.graphToPrompt()).output;
     return { before, after, restored, registered, undoDepth, applied: result.applied, report: result.report };
   }, { api, ui });
+}
+
+/**
+ * The same graph with its sampler and ControlNet nodes moved into a subgraph by the frontend (convertToSubgraph),
+ * then the menu command: graphToPrompt() (flattened, "<subgraph node>:<inner id>") before, after and after one undo,
+ * the serialized workflow, and the node types inside the subgraph after the command.
+ */
+async function convertSubgraphOnPage(page, { api }) {
+  return page.evaluate(async ({ api }) => {
+    const app = window.app;
+    const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+    app.loadApiJson(api, "controlstack-convert-subgraph");
+    await sleep(300);
+    const g = app.graph;
+    const inside = new Set(["KSampler", "ControlNetLoader", "ControlNetApplyAdvanced", "ControlNetApply"]);
+    const { subgraph, node } = g.convertToSubgraph(new Set(g._nodes.filter((n) => inside.has(n.comfyClass))));
+    await sleep(300);
+    const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+    tracker?.checkState?.();
+    const before = (await app.graphToPrompt()).output;
+    const serialized = app.graph.serialize();
+    const result = await window.ControlStackConvert.convertOpenGraph();
+    const after = (await app.graphToPrompt()).output;
+    const sub = app.graph.getNodeById(node.id)?.subgraph;
+    const innerTypes = (sub?._nodes ?? []).map((n) => n.comfyClass).sort();
+    await tracker.undo();
+    await sleep(300);
+    const restored = (await app.graphToPrompt()).output;
+    return {
+      before,
+      after,
+      restored,
+      serialized,
+      subgraph_id: subgraph.id,
+      inner_types: innerTypes,
+      applied: result.applied,
+      report: result.report,
+    };
+  }, { api });
 }
 
 /**

@@ -409,3 +409,24 @@ def test_convert_menu_command_on_a_dropped_template_equals_the_cli(browser_run: 
     assert _canonical(rec["after"]) == expected
     assert _canonical(rec["cli"]) == expected
     assert rec["restored"] == rec["before"]
+
+
+def test_convert_menu_command_converts_inside_a_subgraph(browser_run: dict[str, Any]) -> None:
+    """The sampler and its ControlNet nodes moved into a subgraph by the frontend, then the menu command: the nodes
+    inside the subgraph are converted (the subgraph holds ControlStack nodes only), the flattened graphToPrompt()
+    equals the API conversion of the flattened original (node ids aside; the API conversion is render-tested in
+    tests/host/test_convert_renders_same.py), the server's answer is the CLI's UI conversion of the same file, and
+    undo restores the original."""
+    from controlstack.convert import convert_api, convert_ui
+
+    rec = browser_run["convert"]["subgraph"]
+    assert "error" not in rec, rec.get("error")
+    assert any(":" in nid for nid in rec["before"]), "the sampler runs inside the subgraph"
+    assert rec["applied"] and not rec["report"]["unchanged"], rec["report"]
+    (line,) = rec["report"]["converted"]
+    assert line.startswith("in subgraph "), line
+    assert not any(t.startswith("ControlNet") for t in rec["inner_types"]), rec["inner_types"]
+    assert "ControlStackApplyHint" in rec["inner_types"], rec["inner_types"]
+    assert _canonical(rec["after"]) == _canonical(convert_api(rec["before"]).prompt)
+    assert convert_ui(rec["serialized"])[1].report.as_dict() == rec["report"]
+    assert rec["restored"] == rec["before"]

@@ -227,3 +227,25 @@ def test_comfyui_example_template(comfy_server, hints, name):
     print(f"\n{name}: converted vs original per sampler {[f'{e:.2e}' for e in errs]}")
     assert max(errs) <= TOLERANCE, errs
     assert max(rel_err(x, y) for x, y in zip(a, none, strict=True)) > 1e-3, "control did nothing"
+
+
+def test_convert_route_answers_the_ui_conversion_and_names_bad_bodies(comfy_server):
+    """POST /controlstack/convert (the frontend command's server half): a UI workflow comes back as the CLI's UI
+    conversion of it; a body that is neither form is a 400 naming what was expected; the server keeps serving."""
+    import requests
+
+    ui = template("controlnet_example")
+    r = requests.post(comfy_server.url + "/controlstack/convert", json={"workflow": ui}, timeout=60)
+    assert r.status_code == 200, r.text
+    converted, result = convert_ui(ui)
+    assert r.json()["workflow"] == converted
+    assert r.json()["report"] == result.report.as_dict() and result.report.converted
+    for body, expected in (
+        ({"workflow": {"nodes": "x"}}, "workflow: expected a UI-format workflow"),
+        ({"workflow": {"nodes": [{"type": "KSampler"}]}}, "workflow: not a workflow the converter can read"),
+        ({"prompt": [1, 2]}, 'expected {"workflow": <UI-format workflow>} or {"prompt"'),
+        ([], 'expected {"workflow"'),
+    ):
+        r = requests.post(comfy_server.url + "/controlstack/convert", json=body, timeout=60)
+        assert r.status_code == 400 and expected in r.json()["error"], (body, r.text)
+    assert comfy_server.object_info()["KSampler"]
