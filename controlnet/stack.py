@@ -52,6 +52,8 @@ more important", cond rows only, uncond rows get no residual, so classifier-free
 PROMPT_DECAY = 0.825
 """The base of "my prompt is more important" (guess mode) and the default of soft weights (A1111's soft injection,
 Advanced-ControlNet's Scaled Soft Weights): layer i of 13 gets 0.825 ** (12 - i)."""
+MAX_LAYER_SCALE = 2.0
+"""The largest per-layer multiplier ControlNet Layer Scales takes (custom mode)."""
 LAYER_NAMES = tuple(f"in_{i:02d}" for i in range(12)) + ("middle",)
 """The user-facing names of the layer slots (ControlScale's widgets): SD1.x / SD2.x use all 13, SDXL in_00..in_08
 and middle."""

@@ -18,10 +18,13 @@ import copy
 from typing import Any
 
 from .workflow import (
+    ACN_LAYER_WEIGHTS,
+    ACN_TIMESTEP_KEYFRAME,
     APPLY_BOTH,
     APPLY_POSITIVE,
     APPLY_SINGLE,
     CS_APPLY,
+    CS_KEYFRAME,
     CS_LOAD,
     CS_SCALE,
     CS_UNION,
@@ -37,6 +40,19 @@ BUILTIN_WIDGETS = {
     **{kind: ("strength", "start_percent", "end_percent") for kind in (*APPLY_BOTH, *APPLY_SINGLE)},
     APPLY_POSITIVE: ("strength",),
     UNION_TYPE: ("type",),
+    ACN_TIMESTEP_KEYFRAME: (
+        "start_percent",
+        "strength",
+        "null_latent_kf_strength",
+        "inherit_missing",
+        "guarantee_steps",
+    ),
+    "ACN_ScaledSoftControlNetWeights": ("base_multiplier", "uncond_multiplier"),
+    "ScaledSoftControlNetWeights": ("base_multiplier", "flip_weights", "uncond_multiplier"),
+    **{
+        kind: (*(f"output_{i}" for i in range(len(LAYER_NAMES) - 1)), "middle_0", "uncond_multiplier")
+        for kind in ACN_LAYER_WEIGHTS
+    },
 }
 """widgets_values order of the nodes the converter reads (their INPUT_TYPES order: ComfyUI 0.3.75's built-in nodes,
 Advanced-ControlNet 1.5.6-1.5.8's loaders and apply nodes)."""
@@ -69,6 +85,11 @@ CS_NODES: dict[str, dict[str, Any]] = {
         "inputs": (),
         "widgets": ("mode", *LAYER_NAMES, "base_multiplier", "flip_weights", "uncond_multiplier"),
         "outputs": (("scales", "CS_SCALES"),),
+    },
+    CS_KEYFRAME: {
+        "inputs": (("previous", "CS_SCHEDULE"),),
+        "widgets": ("percent", "strength", "interpolation", "guarantee_steps"),
+        "outputs": (("schedule", "CS_SCHEDULE"),),
     },
 }
 """The link inputs, widget order and outputs of the ControlStack nodes the converter writes (their INPUT_TYPES;

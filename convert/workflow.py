@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..controlnet.stack import LAYER_NAMES, PROMPT_DECAY
+from ..controlnet.stack import LAYER_NAMES, MAX_LAYER_SCALE, PROMPT_DECAY
 from ..preprocessors.resize import BUILTIN_RESIZE
 
 Link = list  # [node id, output slot]
@@ -75,14 +75,32 @@ LOADERS = {
 """ControlNet loaders -> (whether they take the base MODEL: "difference" files, the input naming the file)."""
 ACN_OPTIONS = {
     "mask_optional": "an attention mask",
-    "timestep_kf": "timestep keyframes",
     "latent_kf_override": "latent keyframes",
-    "weights_override": "soft / custom weights",
-    "_tk_opt": "timestep keyframes",
-    "tk_optional": "timestep keyframes",
 }
-"""Advanced-ControlNet's optional inputs that change what its apply / loader nodes do: a node with one connected is
-not converted (ControlStack has schedules and masks of its own, but no conversion of these is proven the same)."""
+"""Advanced-ControlNet's optional inputs that are not converted: a node with one connected stays (ControlStack has
+masks and frame strengths of its own, but no conversion of these is proven the same yet)."""
+ACN_KEYFRAMES_INPUTS = ("timestep_kf", "_tk_opt", "tk_optional", "timestep_keyframe")
+"""Advanced-ControlNet's TIMESTEP_KEYFRAME inputs: on an apply node (`timestep_kf`, it wins) or on a loader (the
+ControlNet carries them to every apply node that uses it; `tk_optional` / `timestep_keyframe` on the deprecated
+loaders)."""
+ACN_TIMESTEP_KEYFRAME = "TimestepKeyframe"
+ACN_KEYFRAME_UNCONVERTED = {
+    "cn_weights": "weights that change with the keyframe",
+    "control_net_weights": "weights that change with the keyframe",
+    "latent_keyframe": "latent keyframes",
+    "mask_optional": "a mask",
+}
+"""Timestep Keyframe inputs (and their old names) whose keyframe is not converted when connected."""
+ACN_SOFT_WEIGHTS = {"ACN_ScaledSoftControlNetWeights", "ScaledSoftControlNetWeights"}
+"""Scaled Soft Weights: layer i x base_multiplier^(n-1-i), the middle 1.0 -- ControlStack's "soft weights". The
+deprecated node's flip_weights is ignored by Advanced-ControlNet itself (1.5.6 nodes_deprecated.py), so the
+conversion does not flip either."""
+ACN_LAYER_WEIGHTS = {"ACN_SoftControlNetWeightsSD15", "ACN_CustomControlNetWeightsSD15"}
+"""Per-layer weights output_0..output_11 (shallow first, as ControlStack's in_00..in_11) and middle_0."""
+ACN_WEIGHTS = ACN_SOFT_WEIGHTS | ACN_LAYER_WEIGHTS
+T2I_MARKERS = ("t2i", "adapter")
+"""File-name marks of T2I-Adapters: Advanced-ControlNet weighs their layers its own way, so weights on one are not
+converted."""
 UNION_TYPE = "SetUnionControlNetType"
 ADVANCED_CONTROLNET = {
     "ACN_SparseCtrlLoaderAdvanced",
@@ -136,7 +154,10 @@ CS_LOAD = "ControlStackLoadControlNet"
 CS_UNION = "ControlStackUnionType"
 CS_APPLY = "ControlStackApplyHint"
 CS_SCALE = "ControlStackControlScale"
+CS_KEYFRAME = "ControlStackStrengthKeyframe"
 MODE_CONTROL = "ControlNet is more important"
+MODE_SOFT = "soft weights"
+MODE_CUSTOM = "custom"
 FUSION_BUILTIN = "ComfyUI built-in"
 
 
@@ -339,6 +360,138 @@ def _control_net_sources(prompt: Prompt, link: Link) -> list[str]:
     return [nid]
 
 
+def _literal(prompt: Prompt, nid: str, key: str, default: Any) -> Any:
+    value = prompt[nid]["inputs"].get(key, default)
+    if _is_link(value):
+        raise Refused(f"{_name(prompt, nid)}: its {key} comes from another node; set it on the node")
+    return value
+
+
+@dataclass(frozen=True)
+class _AcnControls:
+    """What Advanced-ControlNet's keyframes and weights make of one apply node, as ControlStack inputs."""
+
+    keyframes: tuple[tuple[float, float, int], ...] = ()
+    """(percent, strength, guarantee_steps), in Advanced-ControlNet's order (stable by start_percent)."""
+    scales: tuple[tuple[str, Any], ...] | None = None
+    """ControlScale inputs, or None."""
+    sources: tuple[str, ...] = ()
+    """The keyframe / weights nodes read."""
+
+
+def _acn_controls(prompt: Prompt, apply_id: str) -> _AcnControls:
+    """The timestep keyframes and weights Advanced-ControlNet gives the ControlNet of `apply_id`: the apply node's
+    `timestep_kf` wins over its loader's keyframes (Advanced-ControlNet's set_timestep_keyframes), its
+    `weights_override` over the keyframes' weights (re-applied at every keyframe change)."""
+    inputs = prompt[apply_id]["inputs"]
+    keyframes_link = inputs.get("timestep_kf")
+    if not _is_link(keyframes_link):
+        for src in _loaders(prompt, apply_id):
+            for key in ACN_KEYFRAMES_INPUTS:
+                if _is_link(prompt[src]["inputs"].get(key)):
+                    keyframes_link = prompt[src]["inputs"][key]
+    keyframes: list[tuple[float, float, int]] = []
+    weights_link, sources = None, []
+    if _is_link(keyframes_link):
+        keyframes, weights_link, sources = _acn_keyframes(prompt, keyframes_link)
+    if _is_link(inputs.get("weights_override")):
+        weights_link = inputs["weights_override"]
+    scales = None
+    if weights_link is not None:
+        scales = _acn_weights(prompt, weights_link, apply_id)
+        sources.append(str(weights_link[0]))
+    return _AcnControls(tuple(keyframes), scales, tuple(sources))
+
+
+def _acn_keyframes(
+    prompt: Prompt, link: Link
+) -> tuple[list[tuple[float, float, int]], Link | None, list[str]]:
+    """A chain of Timestep Keyframe nodes -> its keyframes; a weights node's TK_SHORTCUT output (one keyframe at 0
+    that only carries the weights) -> no keyframes and those weights."""
+    nid, slot = str(link[0]), link[1]
+    kind = prompt[nid]["class_type"]
+    if kind in ACN_WEIGHTS and slot == 1:
+        return [], [nid, 0], [nid]
+    found: list[tuple[float, float, int]] = []
+    sources: list[str] = []
+    while True:
+        if kind != ACN_TIMESTEP_KEYFRAME:
+            raise Refused(
+                f"its timestep keyframes come from {_name(prompt, nid)}; only chains of "
+                f"{ACN_TIMESTEP_KEYFRAME} nodes are converted (docs/convert.md)"
+            )
+        for key, what in ACN_KEYFRAME_UNCONVERTED.items():
+            if _is_link(prompt[nid]["inputs"].get(key)):
+                raise Refused(
+                    f"{_name(prompt, nid)}: its {key} input is connected ({what}), which is not converted yet "
+                    "(docs/convert.md)"
+                )
+        # a keyframe saved before guarantee_steps existed guarantees int(guarantee_usage) (default True) steps
+        old_default = int(bool(_literal(prompt, nid, "guarantee_usage", True)))
+        found.append(
+            (
+                float(_literal(prompt, nid, "start_percent", 0.0)),
+                float(_literal(prompt, nid, "strength", 1.0)),
+                int(_literal(prompt, nid, "guarantee_steps", old_default)),
+            )
+        )
+        sources.append(nid)
+        prev = prompt[nid]["inputs"].get(
+            "prev_timestep_kf", prompt[nid]["inputs"].get("prev_timestep_keyframe")
+        )
+        if not _is_link(prev):
+            break
+        nid, kind = str(prev[0]), prompt[str(prev[0])]["class_type"]
+    # the group is built first keyframe first; Advanced-ControlNet keeps it sorted by start_percent, ties in the
+    # order they were added (utils.get_sorted_list_via_attr)
+    found.reverse()
+    found.sort(key=lambda k: k[0])
+    return found, None, sources
+
+
+def _acn_weights(prompt: Prompt, link: Link, apply_id: str) -> tuple[tuple[str, Any], ...]:
+    """A weights node -> the ControlScale inputs that weigh the layers and the uncond rows the same way."""
+    nid = str(link[0])
+    node = prompt[nid]
+    kind = node["class_type"]
+    if kind not in ACN_WEIGHTS or link[1] != 0:
+        raise Refused(
+            f"its weights come from {_name(prompt, nid)}; converted are {', '.join(sorted(ACN_WEIGHTS))} "
+            "(docs/convert.md)"
+        )
+    if _is_link(node["inputs"].get("cn_extras")):
+        raise Refused(f"{_name(prompt, nid)}: its cn_extras input is connected, which is not converted yet")
+    for src in _loaders(prompt, apply_id):
+        file = _file(prompt, src)
+        if isinstance(file, str) and any(m in file.lower() for m in T2I_MARKERS):
+            raise Refused(
+                f"{_name(prompt, nid)} weighs {file!r}, a T2I-Adapter by its name: Advanced-ControlNet weighs "
+                "adapter layers its own way, which is not converted"
+            )
+    uncond = float(_literal(prompt, nid, "uncond_multiplier", 1.0))
+    layers = {name: 1.0 for name in LAYER_NAMES}
+    if kind in ACN_SOFT_WEIGHTS:
+        mode, base = MODE_SOFT, float(_literal(prompt, nid, "base_multiplier", PROMPT_DECAY))
+    else:
+        mode, base = MODE_CUSTOM, PROMPT_DECAY
+        values = [_literal(prompt, nid, f"output_{i}", 1.0) for i in range(len(LAYER_NAMES) - 1)]
+        values.append(_literal(prompt, nid, "middle_0", 1.0))
+        for name, value in zip(LAYER_NAMES, values, strict=True):
+            if not 0.0 <= float(value) <= MAX_LAYER_SCALE:
+                raise Refused(
+                    f"{_name(prompt, nid)}: a weight of {value} is outside ControlNet Layer Scales' "
+                    f"0..{MAX_LAYER_SCALE}"
+                )
+            layers[name] = float(value)
+    return (
+        ("mode", mode),
+        *layers.items(),
+        ("base_multiplier", base),
+        ("flip_weights", False),
+        ("uncond_multiplier", uncond),
+    )
+
+
 class _Builder:
     def __init__(self, prompt: Prompt, first_new_id: int | None = None) -> None:
         self.prompt = prompt
@@ -392,6 +545,32 @@ class _Builder:
             self.memo["scale"] = [self.add(CS_SCALE, inputs, "ControlNet is more important", near), 0]
         return self.memo["scale"]
 
+    def layer_scales(self, inputs: tuple[tuple[str, Any], ...], near: str) -> Link:
+        """A ControlNet Layer Scales node for Advanced-ControlNet weights (one per distinct setting)."""
+        key = ("scales", inputs)
+        if key not in self.memo:
+            title = f"{dict(inputs)['mode']} (from Advanced-ControlNet)"
+            self.memo[key] = [self.add(CS_SCALE, dict(inputs), title, near), 0]
+        return self.memo[key]
+
+    def schedule(self, keyframes: tuple[tuple[float, float, int], ...], near: str) -> Link:
+        """A chain of Strength Keyframe nodes (hold: Advanced-ControlNet's keyframes are steps) for `keyframes`."""
+        key = ("schedule", keyframes)
+        if key not in self.memo:
+            link = None
+            for percent, strength, guarantee in keyframes:
+                new = {
+                    "percent": percent,
+                    "strength": strength,
+                    "interpolation": "hold",
+                    "guarantee_steps": guarantee,
+                }
+                if link is not None:
+                    new["previous"] = link
+                link = [self.add(CS_KEYFRAME, new, f"keyframe at {percent:g}", near), 0]
+            self.memo[key] = link
+        return self.memo[key]
+
     def model_chain(self, model: Link, entries: list[tuple[str, str]]) -> Link:
         """Apply ControlNet Hint nodes for `entries` on `model` (the same chain is built once per model)."""
         key = ("chain", tuple(model), tuple(entries))
@@ -410,8 +589,13 @@ class _Builder:
                 "end_percent": float(inputs.get("end_percent", 1.0)),
                 "resize_mode": BUILTIN_RESIZE,
             }
+            acn = _acn_controls(self.prompt, nid)
             if mode == "control":
                 new["scales"] = self.control_scale(nid)
+            elif acn.scales is not None:
+                new["scales"] = self.layer_scales(acn.scales, nid)
+            if acn.keyframes:
+                new["schedule"] = self.schedule(acn.keyframes, nid)
             title = node.get("_meta", {}).get("title") or node["class_type"]
             link = [self.add(CS_APPLY, new, title, nid), 0]
         self.memo[key] = link
@@ -430,8 +614,13 @@ def convert_api(prompt: Prompt, first_new_id: int | None = None) -> Conversion:
     for sid in samplers:
         try:
             plan = _plan(prompt, sid)
-            for nid, _ in plan.entries:
+            for nid, mode in plan.entries:
                 _control_net_sources(prompt, prompt[nid]["inputs"]["control_net"])
+                if _acn_controls(prompt, nid).scales is not None and mode == "control":
+                    raise Refused(
+                        f"{_name(prompt, nid)} reaches the positive prompt's rows only and has Advanced-ControlNet "
+                        "weights: that combination is not converted yet"
+                    )
             if plan.entries or plan.positive.passed or plan.negative.passed:
                 plans[sid] = plan
         except Refused as e:
@@ -507,14 +696,25 @@ def _unreached(prompt: Prompt, samplers: list[str], consumers: dict) -> list[str
 
 
 def _remove_unused(prompt: Prompt, applies: set[str]) -> set[str]:
-    """Drop the converted apply nodes, then the built-in loaders / union-type nodes they read that nothing reads
-    any more."""
+    """Drop the converted apply nodes, then the loaders / union-type nodes and Advanced-ControlNet keyframe /
+    weights nodes they read that nothing reads any more."""
     sources = set()
     for nid in applies:
         try:
             sources.update(_control_net_sources(prompt, prompt[nid]["inputs"].get("control_net")))
+            sources.update(_acn_controls(prompt, nid).sources)
         except Refused:
             pass
+    # a loader's keyframes that an apply node's own keyframes overrode go with the loader
+    for nid in list(sources):
+        for key in ACN_KEYFRAMES_INPUTS:
+            link = prompt[nid]["inputs"].get(key)
+            if _is_link(link):
+                sources.update(
+                    n
+                    for n in _upstream(prompt, link)
+                    if prompt[n]["class_type"] in {ACN_TIMESTEP_KEYFRAME, *ACN_WEIGHTS}
+                )
     for nid in applies:
         del prompt[nid]
     removed = set(applies)

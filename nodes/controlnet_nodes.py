@@ -7,7 +7,7 @@ import os
 import folder_paths
 
 from ..controlnet import ControlNetError
-from ..controlnet.stack import LAYER_NAMES, PROMPT_DECAY
+from ..controlnet.stack import LAYER_NAMES, MAX_LAYER_SCALE, PROMPT_DECAY
 from ..controlnet.union import UNION_TYPES
 from ..preprocessors.hint import image_to_hint
 from ..preprocessors.resize import RESIZE_MODES
@@ -293,7 +293,7 @@ class ControlScale:
                 {
                     "default": 1.0,
                     "min": 0.0,
-                    "max": 2.0,
+                    "max": MAX_LAYER_SCALE,
                     "step": 0.01,
                     "tooltip": f"Multiplier of residual {name} (custom mode).",
                 },

@@ -333,28 +333,200 @@ def test_advanced_controlnet_single_apply_keeps_its_window():
     assert "scales" not in inputs, "balanced: the host copies it to the negative prompt, which has none"
 
 
-@pytest.mark.parametrize("option", ["mask_optional", "timestep_kf", "latent_kf_override", "weights_override"])
+@pytest.mark.parametrize("option", ["mask_optional", "latent_kf_override"])
 def test_advanced_controlnet_options_are_left_unchanged_and_named(option):
     g = _as_acn(graph(), {})
     pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
     g["7"]["class_type"] = "ACN_AdvancedControlNetApply_v2"
     g["7"]["inputs"][option] = ["99", 0]
-    g["99"] = {"class_type": "TimestepKeyframe", "inputs": {"start_percent": 0.0}}
+    g["99"] = {"class_type": "LatentKeyframe", "inputs": {"batch_index": 0, "strength": 1.0}}
     result = cw.convert_api(sample(g, pos, neg))
     assert result.prompt == g and not result.report.converted
     assert any(f"its {option} input is connected" in line for line in result.report.unchanged), (
         result.report.text()
     )
-    assert any(line.startswith("TimestepKeyframe (node 99)") for line in result.report.unchanged)
+    assert any(line.startswith("LatentKeyframe (node 99)") for line in result.report.unchanged)
 
 
-def test_advanced_controlnet_loader_keyframes_and_model_pass_through_are_left_unchanged():
-    g = graph()
-    pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
-    g["70"]["class_type"] = "ACN_ControlNetLoaderAdvanced"
-    g["70"]["inputs"] = {"cnet": "cn.safetensors", "_tk_opt": ["99", 0]}
-    g["99"] = {"class_type": "TimestepKeyframe", "inputs": {}}
-    _refused(sample(g, pos, neg), "its _tk_opt input is connected (timestep keyframes)")
+def keyframe(
+    g: dict, nid: str, start: float, strength: float, guarantee: int = 1, prev: str | None = None
+) -> list:
+    """An Advanced-ControlNet Timestep Keyframe node (1.5.6 defaults for what is not given)."""
+    g[nid] = {
+        "class_type": "TimestepKeyframe",
+        "inputs": {
+            "start_percent": start,
+            "strength": strength,
+            "null_latent_kf_strength": 0.0,
+            "inherit_missing": True,
+            "guarantee_steps": guarantee,
+            **({"prev_timestep_kf": [prev, 0]} if prev else {}),
+        },
+    }
+    return [nid, 0]
+
+
+def acn_apply(**options) -> dict:
+    """One ACN_AdvancedControlNetApply_v2 (node 7, loader 70) on both prompts of the sampler, with `options`."""
+    g = _as_acn(graph(), {})
+    pos, neg = advanced(g, "7", ["2", 0], ["3", 0], strength=0.8)
+    g["7"]["class_type"] = "ACN_AdvancedControlNetApply_v2"
+    g["70"] = {"class_type": "ACN_ControlNetLoaderAdvanced", "inputs": {"cnet": "cn.safetensors"}}
+    g["7"]["inputs"].update(options)
+    return sample(g, pos, neg)
+
+
+def schedule_of(prompt: dict, apply: dict) -> list[tuple]:
+    """The Strength Keyframe chain of a converted apply node, first keyframe first."""
+    out, link = [], apply["inputs"].get("schedule")
+    while link:
+        node = prompt[link[0]]
+        assert node["class_type"] == "ControlStackStrengthKeyframe"
+        i = node["inputs"]
+        out.append((i["percent"], i["strength"], i["interpolation"], i["guarantee_steps"]))
+        link = i.get("previous")
+    return out[::-1]
+
+
+def test_advanced_controlnet_timestep_keyframes_become_a_hold_schedule():
+    """A chain of Timestep Keyframes -> Strength Keyframes with `hold` (Advanced-ControlNet's keyframes are steps),
+    in its order: sorted by start_percent, ties in the order added; guarantee_steps kept; the keyframe nodes go."""
+    g = acn_apply(timestep_kf=["93", 0])
+    keyframe(g, "91", 0.5, 0.0, guarantee=0)
+    keyframe(g, "92", 0.2, 0.4, guarantee=2, prev="91")
+    keyframe(g, "93", 0.5, 1.5, guarantee=1, prev="92")
+    result = cw.convert_api(g)
+    assert not result.report.unchanged, result.report.text()
+    (apply,) = stack_of(result.prompt)
+    assert schedule_of(result.prompt, apply) == [
+        (0.2, 0.4, "hold", 2),
+        (0.5, 0.0, "hold", 0),
+        (0.5, 1.5, "hold", 1),
+    ]
+    assert apply["inputs"]["strength"] == 0.8 and "scales" not in apply["inputs"]
+    assert {"91", "92", "93"} <= set(result.removed) and not {"91", "92", "93"} & set(result.prompt)
+    # a keyframe saved before guarantee_steps existed: int(guarantee_usage) steps
+    g = acn_apply(timestep_kf=["91", 0])
+    keyframe(g, "91", 0.3, 0.5)
+    del g["91"]["inputs"]["guarantee_steps"]
+    (apply,) = stack_of(cw.convert_api(g).prompt)
+    assert schedule_of(cw.convert_api(g).prompt, apply) == [(0.3, 0.5, "hold", 1)]
+
+
+def test_loader_keyframes_apply_unless_the_apply_node_has_its_own():
+    g = acn_apply()
+    g["70"]["inputs"]["_tk_opt"] = keyframe(g, "91", 0.4, 0.5)
+    result = cw.convert_api(g)
+    (apply,) = stack_of(result.prompt)
+    assert schedule_of(result.prompt, apply) == [(0.4, 0.5, "hold", 1)]
+    assert "91" in result.removed
+    g["7"]["inputs"]["timestep_kf"] = keyframe(g, "92", 0.6, 0.2)
+    result = cw.convert_api(g)
+    (apply,) = stack_of(result.prompt)
+    assert schedule_of(result.prompt, apply) == [(0.6, 0.2, "hold", 1)]
+    assert {"91", "92"} <= set(result.removed) and not result.report.unchanged, result.report.text()
+    # the deprecated loader's input is tk_optional
+    g = acn_apply()
+    g["70"] = {
+        "class_type": "ControlNetLoaderAdvanced",
+        "inputs": {"control_net_name": "cn.safetensors", "tk_optional": keyframe(g, "91", 0.4, 0.5)},
+    }
+    (apply,) = stack_of(cw.convert_api(g).prompt)
+    assert schedule_of(cw.convert_api(g).prompt, apply) == [(0.4, 0.5, "hold", 1)]
+
+
+def scales_of(prompt: dict, apply: dict) -> dict:
+    node = prompt[apply["inputs"]["scales"][0]]
+    assert node["class_type"] == "ControlStackControlScale"
+    return node["inputs"]
+
+
+def test_advanced_controlnet_weights_become_layer_scales():
+    # Scaled Soft Weights as weights_override -> soft weights with its base and uncond multiplier
+    g = acn_apply(weights_override=["95", 0])
+    g["95"] = {
+        "class_type": "ACN_ScaledSoftControlNetWeights",
+        "inputs": {"base_multiplier": 0.7, "uncond_multiplier": 0.5},
+    }
+    result = cw.convert_api(g)
+    (apply,) = stack_of(result.prompt)
+    scales = scales_of(result.prompt, apply)
+    assert (
+        scales["mode"],
+        scales["base_multiplier"],
+        scales["flip_weights"],
+        scales["uncond_multiplier"],
+    ) == (
+        "soft weights",
+        0.7,
+        False,
+        0.5,
+    )
+    assert "95" in result.removed and not result.report.unchanged
+    # the same node through its TK_SHORTCUT output on timestep_kf: the weights, no schedule
+    g = acn_apply(timestep_kf=["95", 1])
+    g["95"] = {"class_type": "ACN_ScaledSoftControlNetWeights", "inputs": {"base_multiplier": 0.7}}
+    result = cw.convert_api(g)
+    (apply,) = stack_of(result.prompt)
+    assert scales_of(result.prompt, apply)["base_multiplier"] == 0.7 and "schedule" not in apply["inputs"]
+    # the deprecated node: Advanced-ControlNet ignores its flip_weights, so the conversion does too
+    g = acn_apply(weights_override=["95", 0])
+    g["95"] = {
+        "class_type": "ScaledSoftControlNetWeights",
+        "inputs": {"base_multiplier": 0.9, "flip_weights": True, "uncond_multiplier": 1.0},
+    }
+    (apply,) = stack_of(cw.convert_api(g).prompt)
+    assert scales_of(cw.convert_api(g).prompt, apply)["flip_weights"] is False
+    # per-layer weights: output_i -> in_i (shallow first), middle_0 -> middle; weights_override wins over keyframes'
+    g = acn_apply(weights_override=["95", 0], timestep_kf=["96", 1])
+    g["95"] = {
+        "class_type": "ACN_CustomControlNetWeightsSD15",
+        "inputs": {**{f"output_{i}": 0.1 * i for i in range(12)}, "middle_0": 1.5, "uncond_multiplier": 0.25},
+    }
+    g["96"] = {"class_type": "ACN_ScaledSoftControlNetWeights", "inputs": {"base_multiplier": 0.7}}
+    result = cw.convert_api(g)
+    (apply,) = stack_of(result.prompt)
+    scales = scales_of(result.prompt, apply)
+    assert scales["mode"] == "custom" and scales["uncond_multiplier"] == 0.25
+    assert [scales[n] for n in LAYER_NAMES] == [0.1 * i for i in range(12)] + [1.5]
+    assert {"95", "96"} <= set(result.removed)
+
+
+def test_advanced_controlnet_keyframes_and_weights_that_are_not_converted_are_named():
+    g = acn_apply(timestep_kf=["91", 0])
+    keyframe(g, "91", 0.3, 0.5)
+    g["91"]["inputs"]["latent_keyframe"] = ["99", 0]
+    g["99"] = {"class_type": "LatentKeyframe", "inputs": {"batch_index": 0, "strength": 1.0}}
+    _refused(g, "its latent_keyframe input is connected (latent keyframes)")
+    g = acn_apply(timestep_kf=["91", 0])
+    g["91"] = {"class_type": "ACN_TimestepKeyframeInterpolation", "inputs": {"start_percent": 0.0}}
+    _refused(g, "only chains of TimestepKeyframe nodes are converted")
+    g = acn_apply(weights_override=["95", 0])
+    g["95"] = {
+        "class_type": "ACN_ScaledSoftControlNetWeights",
+        "inputs": {"base_multiplier": 0.7, "cn_extras": ["99", 0]},
+    }
+    g["99"] = {"class_type": "ACN_ExtrasMiddleMult", "inputs": {}}
+    _refused(g, "its cn_extras input is connected")
+    g = acn_apply(weights_override=["95", 0])
+    g["95"] = {"class_type": "ACN_CustomControlNetWeightsSD15", "inputs": {"output_0": 3.0}}
+    _refused(g, "a weight of 3.0 is outside ControlNet Layer Scales' 0..2.0")
+    g = acn_apply(weights_override=["95", 0])
+    g["70"]["inputs"]["cnet"] = "t2iadapter_depth_sd15v2.pth"
+    g["95"] = {"class_type": "ACN_ScaledSoftControlNetWeights", "inputs": {"base_multiplier": 0.7}}
+    _refused(g, "a T2I-Adapter by its name")
+    g = acn_apply(weights_override=["95", 0])
+    g["95"] = {"class_type": "ACN_ScaledSoftControlNetWeights", "inputs": {"base_multiplier": ["99", 0]}}
+    g["99"] = {"class_type": "PrimitiveFloat", "inputs": {"value": 0.5}}
+    _refused(g, "its base_multiplier comes from another node")
+    # weights on a ControlNet that reaches the cond rows only (its negative output is not the sampler's)
+    g = acn_apply(weights_override=["95", 0])
+    g["95"] = {"class_type": "ACN_ScaledSoftControlNetWeights", "inputs": {"base_multiplier": 0.7}}
+    g["10"]["inputs"]["negative"] = ["3", 0]
+    _refused(g, "reaches the positive prompt's rows only and has Advanced-ControlNet weights")
+
+
+def test_advanced_controlnet_deprecated_model_pass_through_is_left_unchanged():
     # the deprecated apply node's model_opt output feeds the sampler's model: it cannot go
     g = graph()
     pos, neg = advanced(g, "7", ["2", 0], ["3", 0], model_optional=["1", 0])
