@@ -18,12 +18,14 @@ import copy
 from typing import Any
 
 from .workflow import (
+    ACN_LATENT_KEYFRAME,
     ACN_LAYER_WEIGHTS,
     ACN_TIMESTEP_KEYFRAME,
     APPLY_BOTH,
     APPLY_POSITIVE,
     APPLY_SINGLE,
     CS_APPLY,
+    CS_FRAMES,
     CS_KEYFRAME,
     CS_LOAD,
     CS_SCALE,
@@ -47,6 +49,7 @@ BUILTIN_WIDGETS = {
         "inherit_missing",
         "guarantee_steps",
     ),
+    ACN_LATENT_KEYFRAME: ("batch_index", "strength"),
     "ACN_ScaledSoftControlNetWeights": ("base_multiplier", "uncond_multiplier"),
     "ScaledSoftControlNetWeights": ("base_multiplier", "flip_weights", "uncond_multiplier"),
     **{
@@ -55,7 +58,7 @@ BUILTIN_WIDGETS = {
     },
 }
 """widgets_values order of the nodes the converter reads (their INPUT_TYPES order: ComfyUI 0.3.75's built-in nodes,
-Advanced-ControlNet 1.5.6-1.5.8's loaders and apply nodes)."""
+Advanced-ControlNet 1.5.6's loaders, apply nodes, Timestep / Latent Keyframe and weights nodes)."""
 
 CS_NODES: dict[str, dict[str, Any]] = {
     CS_LOAD: {
@@ -85,6 +88,18 @@ CS_NODES: dict[str, dict[str, Any]] = {
         "inputs": (),
         "widgets": ("mode", *LAYER_NAMES, "base_multiplier", "flip_weights", "uncond_multiplier"),
         "outputs": (("scales", "CS_SCALES"),),
+    },
+    CS_FRAMES: {
+        "inputs": (("previous", "CS_FRAME_STRENGTHS"),),
+        "widgets": (
+            "first_frame",
+            "last_frame",
+            "strength_from",
+            "strength_to",
+            "interpolation",
+            "other_frames",
+        ),
+        "outputs": (("frame_strengths", "CS_FRAME_STRENGTHS"),),
     },
     CS_KEYFRAME: {
         "inputs": (("previous", "CS_SCHEDULE"),),

@@ -73,17 +73,18 @@ LOADERS = {
     "DiffControlNetLoaderAdvanced": (True, "control_net_name"),
 }
 """ControlNet loaders -> (whether they take the base MODEL: "difference" files, the input naming the file)."""
-ACN_OPTIONS = {
-    "mask_optional": "an attention mask",
-    "latent_kf_override": "latent keyframes",
-}
+ACN_OPTIONS = {"mask_optional": "an attention mask"}
 """Advanced-ControlNet's optional inputs that are not converted: a node with one connected stays (ControlStack has
-masks and frame strengths of its own, but no conversion of these is proven the same yet)."""
+masks of its own, but no conversion of Advanced-ControlNet's is proven the same yet)."""
 ACN_KEYFRAMES_INPUTS = ("timestep_kf", "_tk_opt", "tk_optional", "timestep_keyframe")
 """Advanced-ControlNet's TIMESTEP_KEYFRAME inputs: on an apply node (`timestep_kf`, it wins) or on a loader (the
 ControlNet carries them to every apply node that uses it; `tk_optional` / `timestep_keyframe` on the deprecated
 loaders)."""
 ACN_TIMESTEP_KEYFRAME = "TimestepKeyframe"
+ACN_LATENT_KEYFRAME = "LatentKeyframe"
+ACN_DEFAULT_NULL_STRENGTH = 0.0
+"""The null_latent_kf_strength of the keyframe Advanced-ControlNet puts at 0 % when none is there (and of the
+one a weights node's TK_SHORTCUT carries): the strength of the latents no latent keyframe names."""
 ACN_KEYFRAME_UNCONVERTED = {
     "cn_weights": "weights that change with the keyframe",
     "control_net_weights": "weights that change with the keyframe",
@@ -155,6 +156,7 @@ CS_UNION = "ControlStackUnionType"
 CS_APPLY = "ControlStackApplyHint"
 CS_SCALE = "ControlStackControlScale"
 CS_KEYFRAME = "ControlStackStrengthKeyframe"
+CS_FRAMES = "ControlStackFrameStrengths"
 MODE_CONTROL = "ControlNet is more important"
 MODE_SOFT = "soft weights"
 MODE_CUSTOM = "custom"
@@ -373,6 +375,10 @@ class _AcnControls:
 
     keyframes: tuple[tuple[float, float, int], ...] = ()
     """(percent, strength, guarantee_steps), in Advanced-ControlNet's order (stable by start_percent)."""
+    frames: tuple[tuple[int, float], ...] = ()
+    """Latent keyframes (batch index, strength), in Advanced-ControlNet's order (by batch index)."""
+    other_frames: float = ACN_DEFAULT_NULL_STRENGTH
+    """The strength of the latents no latent keyframe names."""
     scales: tuple[tuple[str, Any], ...] | None = None
     """ControlScale inputs, or None."""
     sources: tuple[str, ...] = ()
@@ -390,29 +396,68 @@ def _acn_controls(prompt: Prompt, apply_id: str) -> _AcnControls:
             for key in ACN_KEYFRAMES_INPUTS:
                 if _is_link(prompt[src]["inputs"].get(key)):
                     keyframes_link = prompt[src]["inputs"][key]
-    keyframes: list[tuple[float, float, int]] = []
+    found: list[tuple[float, float, int, float]] = []
     weights_link, sources = None, []
     if _is_link(keyframes_link):
-        keyframes, weights_link, sources = _acn_keyframes(prompt, keyframes_link)
+        found, weights_link, sources = _acn_keyframes(prompt, keyframes_link)
     if _is_link(inputs.get("weights_override")):
         weights_link = inputs["weights_override"]
     scales = None
     if weights_link is not None:
         scales = _acn_weights(prompt, weights_link, apply_id)
         sources.append(str(weights_link[0]))
-    return _AcnControls(tuple(keyframes), scales, tuple(sources))
+    frames: list[tuple[int, float]] = []
+    other = ACN_DEFAULT_NULL_STRENGTH
+    if _is_link(inputs.get("latent_kf_override")):
+        frames = _acn_latent_keyframes(prompt, inputs["latent_kf_override"], sources)
+        # the latents no latent keyframe names get the current timestep keyframe's null_latent_kf_strength; Frame
+        # Strengths has one value for the run, so every keyframe that can be current must agree
+        nulls = {null for *_, null in found}
+        if not any(percent == 0.0 for percent, *_ in found):
+            nulls.add(ACN_DEFAULT_NULL_STRENGTH)
+        if len(nulls) > 1:
+            raise Refused(
+                f"{_name(prompt, apply_id)}: its latent keyframes' other latents take each timestep keyframe's "
+                f"null_latent_kf_strength, which changes during the run ({sorted(nulls)}); not converted"
+            )
+        other = nulls.pop()
+    keyframes = tuple((percent, strength, guarantee) for percent, strength, guarantee, _ in found)
+    return _AcnControls(keyframes, tuple(frames), other, scales, tuple(sources))
+
+
+def _acn_latent_keyframes(prompt: Prompt, link: Link, sources: list[str]) -> list[tuple[int, float]]:
+    """A chain of Latent Keyframe nodes -> (batch index, strength) as Advanced-ControlNet's group holds them: a
+    later keyframe replaces an earlier one of the same index, sorted by index (negative ones, counted from the
+    end, first; so a frame named both ways gets its non-negative keyframe, as in Advanced-ControlNet)."""
+    chain = []
+    while _is_link(link):
+        nid = str(link[0])
+        if prompt[nid]["class_type"] != ACN_LATENT_KEYFRAME:
+            raise Refused(
+                f"its latent keyframes come from {_name(prompt, nid)}; only chains of {ACN_LATENT_KEYFRAME} "
+                "nodes are converted (docs/convert.md)"
+            )
+        chain.append(
+            (int(_literal(prompt, nid, "batch_index", 0)), float(_literal(prompt, nid, "strength", 1.0)))
+        )
+        sources.append(nid)
+        inputs = prompt[nid]["inputs"]
+        link = inputs.get("prev_latent_kf", inputs.get("prev_latent_keyframe"))
+    by_index = dict(reversed(chain))  # the chain was walked last-added first: the last added wins
+    return sorted(by_index.items())
 
 
 def _acn_keyframes(
     prompt: Prompt, link: Link
-) -> tuple[list[tuple[float, float, int]], Link | None, list[str]]:
-    """A chain of Timestep Keyframe nodes -> its keyframes; a weights node's TK_SHORTCUT output (one keyframe at 0
-    that only carries the weights) -> no keyframes and those weights."""
+) -> tuple[list[tuple[float, float, int, float]], Link | None, list[str]]:
+    """A chain of Timestep Keyframe nodes -> (percent, strength, guarantee_steps, null_latent_kf_strength) each; a
+    weights node's TK_SHORTCUT output (one keyframe at 0 that only carries the weights) -> no keyframes and those
+    weights."""
     nid, slot = str(link[0]), link[1]
     kind = prompt[nid]["class_type"]
     if kind in ACN_WEIGHTS and slot == 1:
         return [], [nid, 0], [nid]
-    found: list[tuple[float, float, int]] = []
+    found: list[tuple[float, float, int, float]] = []
     sources: list[str] = []
     while True:
         if kind != ACN_TIMESTEP_KEYFRAME:
@@ -433,6 +478,7 @@ def _acn_keyframes(
                 float(_literal(prompt, nid, "start_percent", 0.0)),
                 float(_literal(prompt, nid, "strength", 1.0)),
                 int(_literal(prompt, nid, "guarantee_steps", old_default)),
+                float(_literal(prompt, nid, "null_latent_kf_strength", ACN_DEFAULT_NULL_STRENGTH)),
             )
         )
         sources.append(nid)
@@ -553,22 +599,47 @@ class _Builder:
             self.memo[key] = [self.add(CS_SCALE, dict(inputs), title, near), 0]
         return self.memo[key]
 
+    def _chain(self, class_type: str, links: list[tuple[dict, str]], near: str) -> Link:
+        """Nodes of `class_type` chained through their `previous` input, first first; returns the last."""
+        link = None
+        for inputs, title in links:
+            link = [self.add(class_type, {**inputs, **({"previous": link} if link else {})}, title, near), 0]
+        assert link is not None
+        return link
+
     def schedule(self, keyframes: tuple[tuple[float, float, int], ...], near: str) -> Link:
         """A chain of Strength Keyframe nodes (hold: Advanced-ControlNet's keyframes are steps) for `keyframes`."""
         key = ("schedule", keyframes)
         if key not in self.memo:
-            link = None
-            for percent, strength, guarantee in keyframes:
-                new = {
-                    "percent": percent,
-                    "strength": strength,
-                    "interpolation": "hold",
-                    "guarantee_steps": guarantee,
-                }
-                if link is not None:
-                    new["previous"] = link
-                link = [self.add(CS_KEYFRAME, new, f"keyframe at {percent:g}", near), 0]
-            self.memo[key] = link
+            nodes = [
+                (
+                    {"percent": p, "strength": s, "interpolation": "hold", "guarantee_steps": g},
+                    f"keyframe at {p:g}",
+                )
+                for p, s, g in keyframes
+            ]
+            self.memo[key] = self._chain(CS_KEYFRAME, nodes, near)
+        return self.memo[key]
+
+    def frame_strengths(self, frames: tuple[tuple[int, float], ...], other: float, near: str) -> Link:
+        """A chain of Frame Strengths nodes, one frame each, for Advanced-ControlNet's latent keyframes."""
+        key = ("frames", frames, other)
+        if key not in self.memo:
+            nodes = [
+                (
+                    {
+                        "first_frame": i,
+                        "last_frame": i,
+                        "strength_from": s,
+                        "strength_to": s,
+                        "interpolation": "hold",
+                        "other_frames": other,
+                    },
+                    f"latent {i}",
+                )
+                for i, s in frames
+            ]
+            self.memo[key] = self._chain(CS_FRAMES, nodes, near)
         return self.memo[key]
 
     def model_chain(self, model: Link, entries: list[tuple[str, str]]) -> Link:
@@ -596,6 +667,8 @@ class _Builder:
                 new["scales"] = self.layer_scales(acn.scales, nid)
             if acn.keyframes:
                 new["schedule"] = self.schedule(acn.keyframes, nid)
+            if acn.frames:
+                new["frame_strengths"] = self.frame_strengths(acn.frames, acn.other_frames, nid)
             title = node.get("_meta", {}).get("title") or node["class_type"]
             link = [self.add(CS_APPLY, new, title, nid), 0]
         self.memo[key] = link

@@ -333,7 +333,7 @@ def test_advanced_controlnet_single_apply_keeps_its_window():
     assert "scales" not in inputs, "balanced: the host copies it to the negative prompt, which has none"
 
 
-@pytest.mark.parametrize("option", ["mask_optional", "latent_kf_override"])
+@pytest.mark.parametrize("option", ["mask_optional"])
 def test_advanced_controlnet_options_are_left_unchanged_and_named(option):
     g = _as_acn(graph(), {})
     pos, neg = advanced(g, "7", ["2", 0], ["3", 0])
@@ -492,7 +492,67 @@ def test_advanced_controlnet_weights_become_layer_scales():
     assert {"95", "96"} <= set(result.removed)
 
 
+def latent_keyframe(g: dict, nid: str, index: int, strength: float, prev: str | None = None) -> list:
+    g[nid] = {
+        "class_type": "LatentKeyframe",
+        "inputs": {
+            "batch_index": index,
+            "strength": strength,
+            **({"prev_latent_kf": [prev, 0]} if prev else {}),
+        },
+    }
+    return [nid, 0]
+
+
+def frames_of(prompt: dict, apply: dict) -> tuple[list[tuple], set[float]]:
+    """The Frame Strengths chain of a converted apply node (first range first) and its other_frames values."""
+    out, others, link = [], set(), apply["inputs"].get("frame_strengths")
+    while link:
+        node = prompt[link[0]]
+        assert node["class_type"] == "ControlStackFrameStrengths"
+        i = node["inputs"]
+        assert i["interpolation"] == "hold" and i["strength_from"] == i["strength_to"]
+        out.append((i["first_frame"], i["last_frame"], i["strength_from"]))
+        others.add(i["other_frames"])
+        link = i.get("previous")
+    return out[::-1], others
+
+
+def test_advanced_controlnet_latent_keyframes_become_frame_strengths():
+    """Latent keyframes -> one-frame Frame Strengths ranges in Advanced-ControlNet's order (a re-added index
+    replaces the earlier one; sorted by index, so negative ones come first and a frame named both ways gets the
+    non-negative one); unnamed latents get the timestep keyframe's null_latent_kf_strength (0 without one)."""
+    g = acn_apply(latent_kf_override=["84", 0])
+    latent_keyframe(g, "81", 2, 0.5)
+    latent_keyframe(g, "82", -1, 0.9, prev="81")
+    latent_keyframe(g, "83", 0, 1.2, prev="82")
+    latent_keyframe(g, "84", 2, 0.7, prev="83")
+    result = cw.convert_api(g)
+    assert not result.report.unchanged, result.report.text()
+    (apply,) = stack_of(result.prompt)
+    assert frames_of(result.prompt, apply) == ([(-1, -1, 0.9), (0, 0, 1.2), (2, 2, 0.7)], {0.0})
+    assert {"81", "82", "83", "84"} <= set(result.removed)
+    # with timestep keyframes that all say the same null strength (one at 0 %, so the default one never counts)
+    g["7"]["inputs"]["timestep_kf"] = keyframe(g, "92", 0.5, 0.5, prev="91")
+    keyframe(g, "91", 0.0, 1.0)
+    for nid in ("91", "92"):
+        g[nid]["inputs"]["null_latent_kf_strength"] = 0.25
+    result = cw.convert_api(g)
+    (apply,) = stack_of(result.prompt)
+    assert frames_of(result.prompt, apply)[1] == {0.25}
+    assert schedule_of(result.prompt, apply) == [(0.0, 1.0, "hold", 1), (0.5, 0.5, "hold", 1)]
+    # null strengths that change over the run have no Frame Strengths equivalent
+    g["91"]["inputs"]["null_latent_kf_strength"] = 0.0
+    _refused(g, "which changes during the run ([0.0, 0.25])")
+    g["91"]["inputs"]["null_latent_kf_strength"] = 0.25
+    g["91"]["inputs"]["start_percent"] = 0.1  # the default keyframe (null 0.0) is current before it
+    _refused(g, "which changes during the run ([0.0, 0.25])")
+
+
 def test_advanced_controlnet_keyframes_and_weights_that_are_not_converted_are_named():
+    g = acn_apply(latent_kf_override=["81", 0])
+    g["81"] = {"class_type": "LatentKeyframeGroup", "inputs": {"index_strengths": "0=1.0"}}
+    _refused(g, "only chains of LatentKeyframe nodes are converted")
     g = acn_apply(timestep_kf=["91", 0])
     keyframe(g, "91", 0.3, 0.5)
     g["91"]["inputs"]["latent_keyframe"] = ["99", 0]

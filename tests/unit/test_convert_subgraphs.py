@@ -10,30 +10,9 @@ from typing import Any
 import pytest
 from controlstack.convert import convert_ui
 from controlstack.convert import workflow as cw
+from ui_graph_helpers import ui_node as _node
 
 SUB_ID = "6a1f3c2e-0000-4000-8000-00000000cafe"
-
-
-def _node(
-    nid: int,
-    kind: str,
-    inputs: list[tuple[str, str, int | None]],
-    outputs: list[tuple[str, str, list]],
-    widgets: list,
-) -> dict:
-    return {
-        "id": nid,
-        "type": kind,
-        "pos": [100 * nid, 50],
-        "size": [300, 100],
-        "flags": {},
-        "order": 0,
-        "mode": 0,
-        "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
-        "outputs": [{"name": n, "type": t, "links": links or None} for n, t, links in outputs],
-        "properties": {"Node name for S&R": kind},
-        "widgets_values": widgets,
-    }
 
 
 def _link(i: int, origin: int, origin_slot: int, target: int, target_slot: int, kind: str) -> dict:
