@@ -20,6 +20,7 @@ import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import comfy.model_management
 import comfy.model_patcher
@@ -300,8 +301,32 @@ def with_union_type(controlnet: HostControlNet, union_type: int | None, latent_t
 
 
 RUN_OPTION = "controlstack_run"
-"""transformer_options key of the `StackRun` of the sampling run in progress: set by OUTER_SAMPLE in the guider's
-per-run options, read by every APPLY_MODEL call of that run."""
+"""transformer_options key of the run in progress: a `_PendingRun` set by OUTER_SAMPLE in the guider's per-run
+options (or a `StackRun`), read by every APPLY_MODEL call of that run."""
+
+
+class _PendingRun:
+    """A sampling run whose `StackRun` starts at its first UNet call. OUTER_SAMPLE runs before the host loads the
+    guider's MODEL, so the BaseModel's `model_sampling` may still be another MODEL's object patch then (two MODELs
+    of one checkpoint, one through ModelSamplingDiscrete: the one loaded last is still applied) or not yet this
+    MODEL's. At the first UNet call this MODEL is loaded and `model_sampling` is the one the host samples with --
+    the object its built-in ControlNet reads its windows from too."""
+
+    def __init__(self, start: Callable[[Any], StackRun], stack: ResidualStack) -> None:
+        self._start = start
+        self.stack = stack
+        self.run: StackRun | None = None
+
+    def begin(self, sampling: Any) -> StackRun:
+        if self.run is None:
+            self.run = self._start(sampling)
+        return self.run
+
+    def end(self) -> None:
+        if self.run is not None:
+            self.run.end()
+
+
 OBSERVER_OPTION = "controlstack_observer"
 """transformer_options key of a control-report observer (`StackRecorder`) for the runs of one MODEL clone."""
 
@@ -337,13 +362,17 @@ class StackWrapper:
         # restores the original afterwards; samplers._calc_cond_batch merges its "transformer_options" into the
         # `transformer_options` of every UNet call of this run. So the run is visible to this run's calls only.
         options = guider.model_options.setdefault("transformer_options", {})
-        run = self.stack.begin_run(
-            guider.model_patcher.model.model_sampling.percent_to_sigma,
-            hint_fitter=self._fit,
-            use_cuda_graphs=self.use_cuda_graphs,
-            observer=options.get(OBSERVER_OPTION),
-            graphs=self.graphs,
-            compiled=self.compiled,
+        observer = options.get(OBSERVER_OPTION)
+        run = _PendingRun(
+            lambda sampling: self.stack.begin_run(
+                sampling.percent_to_sigma,
+                hint_fitter=self._fit,
+                use_cuda_graphs=self.use_cuda_graphs,
+                observer=observer,
+                graphs=self.graphs,
+                compiled=self.compiled,
+            ),
+            self.stack,
         )
         options[RUN_OPTION] = run
         try:
@@ -363,6 +392,8 @@ class StackWrapper:
         call_run = run is None or run.stack is not self.stack
         if call_run:
             run = self._call_run(sampling)
+        elif isinstance(run, _PendingRun):
+            run = run.begin(sampling)
         try:
             dtype = base_model.manual_cast_dtype or base_model.get_dtype()
             xc = sampling.calculate_input(t, x).to(dtype)
