@@ -8,6 +8,7 @@ ControlNet, changed its window, strength or rows, or fitted the hint differently
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -144,6 +145,55 @@ def test_difference_controlnet(comfy_server, hints, host_models):
     g["70"] = {"class_type": "DiffControlNetLoader", "inputs": {"model": ["1", 0], "control_net_name": name}}
     g["10"]["inputs"]["positive"], g["10"]["inputs"]["negative"] = pos, neg
     assert compare(comfy_server, g, ["balanced"]) <= TOLERANCE
+
+
+def test_one_controlnet_feeding_two_samplers_on_different_models(comfy_server, hints):
+    """The issue guessed this has no model-path equivalent; it has: a ControlNet's residuals do not depend on the
+    UNet's weights, and each converted chain sits on its sampler's own MODEL, so each window is read with that
+    model's sampling. The second sampler's model is the checkpoint with zero-terminal-SNR sampling
+    (ModelSamplingDiscrete zsnr: other sigmas, so the window 0.2-0.8 falls on other steps). Also the regression test
+    of the patcher reading `model_sampling` before the host loaded the MODEL (docs/design.md): that put the first
+    sampler's window on the zsnr sigmas, 1.2e-2 off. The control hardly moves the zsnr sampler's latent (4e-4 on
+    these random weights), so the first sampler is the one that can tell."""
+    g = base_graph(hints[0], steps=6)
+    cond = advanced(
+        g, "7", (["2", 0], ["3", 0]), SD15_CONTROLNETS[0], ["6", 0], start_percent=0.2, end_percent=0.8
+    )
+    set_sampler(g, cond=cond)
+    g["40"] = {
+        "class_type": "ModelSamplingDiscrete",
+        "inputs": {"model": ["1", 0], "sampling": "eps", "zsnr": True},
+    }
+    g["11"] = copy.deepcopy(g["10"])
+    g["11"]["inputs"]["model"] = ["40", 0]
+    g["31"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": ["11", 0], "filename_prefix": "latents/cs_two_models"},
+    }
+    result = convert_api(g)
+    assert len(result.report.converted) == 2 and not result.report.unchanged, result.report.text()
+    out = result.prompt
+    chains = {sid: out[out[sid]["inputs"]["model"][0]] for sid in ("10", "11")}
+    assert {sid: c["class_type"] for sid, c in chains.items()} == {"10": CS_APPLY, "11": CS_APPLY}
+    assert chains["10"]["inputs"]["model"] == ["1", 0] and chains["11"]["inputs"]["model"] == ["40", 0]
+    saves = ["30", "31"]
+    original = latents(comfy_server, g, saves)
+    converted = latents(comfy_server, out, saves)
+    plain = base_graph(hints[0], steps=6)
+    plain["40"], plain["11"], plain["31"] = g["40"], copy.deepcopy(g["11"]), g["31"]
+    plain["11"]["inputs"]["positive"], plain["11"]["inputs"]["negative"] = ["2", 0], ["3", 0]
+    none = latents(comfy_server, plain, saves)
+    errs = [rel_err(x, y) for x, y in zip(original, converted, strict=True)]
+    print(
+        f"\none ControlNet, two samplers on different models: converted vs original {[f'{e:.2e}' for e in errs]}"
+    )
+    moved = [rel_err(x, y) for x, y in zip(original, none, strict=True)]
+    print(f"control moved the latents by {[f'{e:.2e}' for e in moved]}")
+    assert moved[0] > 1e-3 and moved[1] > 1e-4, "control did nothing"
+    assert rel_err(original[0], original[1]) > 1e-3, (
+        "the two models rendered the same: the test could not fail"
+    )
+    assert max(errs) <= TOLERANCE, errs
 
 
 TEMPLATES = ("controlnet_example", "depth_controlnet", "mixing_controlnets", "2_pass_pose_worship")
