@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests" / "host")]
+sys.path[:0] = [str(REPO / "scripts"), str(REPO / "tests" / "host"), str(REPO / "tests" / "unit")]
 
 import host  # noqa: E402
 import numpy as np  # noqa: E402
+from acn_nodes import keyframe, latent_keyframe  # noqa: E402
 from controlstack.convert import convert_api  # noqa: E402
 from graphs import SD15_CONTROLNETS, base_graph, rel_err, run_latent, set_sampler  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -50,41 +51,6 @@ def acn_graph(steps: int = 6, batch: int = 1, **options) -> dict:
     }
     g["10"]["inputs"]["positive"], g["10"]["inputs"]["negative"] = ["7", 0], ["7", 1]
     return g
-
-
-def keyframe(
-    g: dict,
-    nid: str,
-    start: float,
-    strength: float,
-    guarantee: int = 1,
-    prev: str | None = None,
-    null: float = 0.0,
-) -> list:
-    g[nid] = {
-        "class_type": "TimestepKeyframe",
-        "inputs": {
-            "start_percent": start,
-            "strength": strength,
-            "null_latent_kf_strength": null,
-            "inherit_missing": True,
-            "guarantee_steps": guarantee,
-            **({"prev_timestep_kf": [prev, 0]} if prev else {}),
-        },
-    }
-    return [nid, 0]
-
-
-def latent_keyframe(g: dict, nid: str, index: int, strength: float, prev: str | None = None) -> list:
-    g[nid] = {
-        "class_type": "LatentKeyframe",
-        "inputs": {
-            "batch_index": index,
-            "strength": strength,
-            **({"prev_latent_kf": [prev, 0]} if prev else {}),
-        },
-    }
-    return [nid, 0]
 
 
 def soft(g: dict, nid: str, base: float, uncond: float = 1.0) -> None:

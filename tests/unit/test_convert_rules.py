@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from acn_nodes import keyframe, latent_keyframe
 from controlstack.controlnet.stack import LAYER_NAMES
 from controlstack.convert import workflow as cw
 from controlstack.preprocessors.resize import BUILTIN_RESIZE
@@ -348,24 +349,6 @@ def test_advanced_controlnet_options_are_left_unchanged_and_named(option):
     assert any(line.startswith("LatentKeyframe (node 99)") for line in result.report.unchanged)
 
 
-def keyframe(
-    g: dict, nid: str, start: float, strength: float, guarantee: int = 1, prev: str | None = None
-) -> list:
-    """An Advanced-ControlNet Timestep Keyframe node (1.5.6 defaults for what is not given)."""
-    g[nid] = {
-        "class_type": "TimestepKeyframe",
-        "inputs": {
-            "start_percent": start,
-            "strength": strength,
-            "null_latent_kf_strength": 0.0,
-            "inherit_missing": True,
-            "guarantee_steps": guarantee,
-            **({"prev_timestep_kf": [prev, 0]} if prev else {}),
-        },
-    }
-    return [nid, 0]
-
-
 def acn_apply(**options) -> dict:
     """One ACN_AdvancedControlNetApply_v2 (node 7, loader 70) on both prompts of the sampler, with `options`."""
     g = _as_acn(graph(), {})
@@ -490,18 +473,6 @@ def test_advanced_controlnet_weights_become_layer_scales():
     assert scales["mode"] == "custom" and scales["uncond_multiplier"] == 0.25
     assert [scales[n] for n in LAYER_NAMES] == [0.1 * i for i in range(12)] + [1.5]
     assert {"95", "96"} <= set(result.removed)
-
-
-def latent_keyframe(g: dict, nid: str, index: int, strength: float, prev: str | None = None) -> list:
-    g[nid] = {
-        "class_type": "LatentKeyframe",
-        "inputs": {
-            "batch_index": index,
-            "strength": strength,
-            **({"prev_latent_kf": [prev, 0]} if prev else {}),
-        },
-    }
-    return [nid, 0]
 
 
 def frames_of(prompt: dict, apply: dict) -> tuple[list[tuple], set[float]]:
